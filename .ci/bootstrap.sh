@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment and install what a
+# target needs.  The environment and pip's download cache live outside the
+# clone, so a rerun or a fresh clone on the same machine is fast, while a
+# fresh machine still gets everything from the package index.
+#   .ci/bootstrap.sh train   -> runtime + training (make demo)
+#   .ci/bootstrap.sh test    -> everything the test suite uses
+set -euo pipefail
+target=${1:-test}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+venv=${MMPIPE_VENV:-$HOME/.cache/mmpipe/venv}
+python=${PYTHON:-python3}
+
+case "$target" in
+  train) extras="train" ;;
+  test)  extras="train,minilm,dev" ;;
+  *) echo "usage: $0 train|test" >&2; exit 2 ;;
+esac
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "bootstrap: creating virtual environment in $venv"
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+fi
+
+# Re-resolve dependencies only when pyproject.toml or the extras change.
+stamp="$venv/.mmpipe-$target-$(cat "$repo/pyproject.toml" | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "bootstrap: installing dependencies for '$target' (first run downloads several hundred MB)"
+  "$venv/bin/python" -m pip install -q "$repo[$extras]"
+  touch "$stamp"
+fi
+# The project itself, editable from this checkout (cheap, always).
+"$venv/bin/python" -m pip install -q --no-deps -e "$repo" >/dev/null

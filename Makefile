@@ -1,0 +1,24 @@
+# The two commands.  Both set up everything they need on a fresh machine.
+#   make demo   the main job on built-in sample data
+#   make test   the whole test suite (what .ci/run calls)
+VENV ?= $(HOME)/.cache/mmpipe/venv
+export MMPIPE_VENV := $(VENV)
+
+.PHONY: demo test lint help
+help:
+	@echo "make demo   - run the main job on built-in sample data (sets up its own environment)"
+	@echo "make test   - run the whole test suite (sets up its own environment)"
+	@echo "make lint   - ruff"
+
+demo:
+	@.ci/bootstrap.sh train
+	$(VENV)/bin/mmpipe demo $(ARGS)
+
+test:
+	@.ci/bootstrap.sh test
+	$(VENV)/bin/ruff check pipeline exporters tests bench
+	$(VENV)/bin/python -m pytest $(ARGS)
+
+lint:
+	@.ci/bootstrap.sh test
+	$(VENV)/bin/ruff check pipeline exporters tests bench

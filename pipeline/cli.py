@@ -1,0 +1,284 @@
+"""The ``mmpipe`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from pipeline import __version__
+from pipeline.errors import ConfigError, PackageError
+from pipeline.log import log_event, setup_logging
+
+logger = logging.getLogger("mmpipe")
+
+_FMT = argparse.RawDescriptionHelpFormatter
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", "-c", metavar="YAML",
+        help="settings file (see README 'Configuration'); MMPIPE__SECTION__KEY env vars override it",
+    )
+
+
+# -- generate -------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pipeline import sample_data
+    from pipeline.spec import load_workload
+
+    name = load_workload(args.workload).name
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = sample_data.generate(name, args.records, seed=args.seed)
+    sample_data.write_jsonl(samples, out / "records.jsonl", out / "labels.jsonl")
+    n_broken = 0
+    if args.broken:
+        n_broken = _append_broken(out / "records.jsonl", name, args.seed)
+    print(f"wrote {len(samples)} records (+{n_broken} broken on purpose) to {out / 'records.jsonl'}; "
+          f"labels in {out / 'labels.jsonl'}")
+    return 0
+
+
+def _append_broken(path: Path, workload: str, seed: int) -> int:
+    """Append deliberately broken records (one per line) to a records file."""
+    import base64
+
+    from pipeline import sample_data
+
+    broken = sample_data.broken_records(workload, seed)
+    with path.open("ab") as fh:
+        for rec, _reason in broken:
+            if isinstance(rec, (bytes, bytearray)):
+                line = bytes(rec).replace(b"\n", b" ")
+            else:
+                safe = {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in rec.items()}
+                line = json.dumps(safe).encode()
+            fh.write(line + b"\n")
+    return len(broken)
+
+
+# -- train --------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline import sample_data
+    from pipeline.spec import load_workload
+    from pipeline.train import train
+
+    spec = load_workload(args.workload)
+    if args.data:
+        samples = sample_data.read_samples(Path(args.data), Path(args.labels) if args.labels else None)
+    else:
+        samples = sample_data.generate(spec.name, args.records, seed=args.seed)
+    report = train(
+        spec, samples, Path(args.out), fusion=args.fusion, text_source=args.text_source,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    )
+    print(f"trained {spec.name} ({report.fusion}) on {report.train_records} records, "
+          f"{report.epochs} epochs, {report.seconds:.0f}s")
+    print(f"held-out macro-F1 ({report.test_records} records):")
+    for head, f1 in report.f1.items():
+        miss = report.f1_missing_modality.get(head)
+        print(f"  {head:<14} {f1:.3f}   (one modality removed: {miss:.3f})")
+    print(f"saved to {args.out}; next: mmpipe package --trained {args.out} --out PACKAGE_DIR")
+    if args.min_f1 is not None and report.macro_f1 < args.min_f1:
+        print(f"error: macro-F1 {report.macro_f1:.3f} is below --min-f1 {args.min_f1}", file=sys.stderr)
+        return 3
+    return 0
+
+
+# -- package ----------------------------------------------------------------------------
+def cmd_package(args: argparse.Namespace) -> int:
+    from exporters.package import build_package
+
+    pkg = build_package(args.trained, args.out, name=args.name, version=args.version, overwrite=args.overwrite)
+    m = pkg.manifest
+    print(f"package {m.name} v{m.version} ({m.workload.name}) written to {pkg.root}")
+    print(f"  variants: {', '.join(m.variants)}; files: {len(m.files)} (sha256 verified)")
+    return 0
+
+
+# -- predict -----------------------------------------------------------------------------
+def _read_lines(stream: IO[bytes], chunk: int) -> Iterator[list[bytes]]:
+    buf: list[bytes] = []
+    for line in stream:
+        line = line.rstrip(b"\r\n")
+        if not line.strip():
+            continue
+        buf.append(line)
+        if len(buf) >= chunk:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.config import load_settings
+    from pipeline.predictor import Predictor
+
+    settings = load_settings(args.config)
+    if args.engine:
+        settings.engine.kind = args.engine
+    if args.batch_size:
+        settings.predict.batch_size = args.batch_size
+    predictor = Predictor.from_settings(settings, args.package, path="cli")
+    src = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
+    dst = sys.stdout if args.output == "-" else open(args.output, "w")  # noqa: SIM115
+    counts: dict[str, int] = {"in": 0, "ok": 0}
+    try:
+        for lines in _read_lines(src, predictor.batch_size * 4):
+            for res in predictor.predict(lines):
+                counts["in"] += 1
+                if res.error is None:
+                    counts["ok"] += 1
+                else:
+                    counts[f"error:{res.error.code}"] = counts.get(f"error:{res.error.code}", 0) + 1
+                dst.write(res.model_dump_json(exclude_none=True) + "\n")
+    finally:
+        if src is not sys.stdin.buffer:
+            src.close()
+        if dst is not sys.stdout:
+            dst.close()
+    errors = {k[6:]: v for k, v in counts.items() if k.startswith("error:")}
+    print(f"{counts['in']} records in, {counts['ok']} results, {sum(errors.values())} errors"
+          + (f" {errors}" if errors else ""), file=sys.stderr)
+    return 0
+
+
+# -- demo ---------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(Path(args.out), records=args.records, retrain=args.retrain)
+
+
+# -- parser -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmpipe",
+        formatter_class=_FMT,
+        description="Batch, stream and online inference for multimodal fusion models.",
+        epilog="""\
+typical flow:
+  mmpipe generate --workload retail --out data/retail --records 1000
+  mmpipe train    --workload retail --out models/retail
+  mmpipe package  --trained models/retail --out packages/retail
+  mmpipe predict  --package packages/retail --input data/retail/records.jsonl --output results.jsonl
+  mmpipe demo     # all of the above for the three built-in workloads
+
+run `mmpipe COMMAND --help` for each command's options.""",
+    )
+    p.add_argument("--version", action="version", version=f"mmpipe {__version__}")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser(
+        "generate", formatter_class=_FMT, help="write a learnable sample dataset for a workload",
+        description="Write a deterministic sample dataset: records.jsonl (media base64-encoded) and\n"
+        "labels.jsonl (ground truth per head).  The labels are carried by shapes and colours in\n"
+        "images, keywords in text and tones in audio, so models can really learn them.",
+        epilog="example:\n  mmpipe generate --workload medical --out data/medical --records 500 --broken",
+    )
+    g.add_argument("--workload", required=True, help="medical, retail or media")
+    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--records", type=int, default=1000, help="how many records (default 1000)")
+    g.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
+    g.add_argument("--broken", action="store_true", help="also append records broken on purpose")
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser(
+        "train", formatter_class=_FMT, help="train a small fusion model on CPU",
+        description="Train a fusion model for a workload and save it as a trained model directory\n"
+        "(safetensors weights, config, tokenizer, workload spec, held-out metrics).\n"
+        "Without --data it trains on a generated sample dataset.",
+        epilog="""\
+examples:
+  mmpipe train --workload retail --out models/retail
+  mmpipe train --workload medical --fusion cross_attention --text-source minilm --out models/med
+  mmpipe train --workload my_workload.yaml --data recs.jsonl --labels labels.jsonl --out models/mine""",
+    )
+    t.add_argument("--workload", required=True, help="medical, retail, media or a workload YAML path")
+    t.add_argument("--out", required=True, help="trained model directory to write")
+    t.add_argument("--data", help="records JSONL to train on (default: generated sample data)")
+    t.add_argument("--labels", help="labels JSONL for --data (id, labels, spans per line)")
+    t.add_argument("--records", type=int, default=1200, help="generated records (default 1200)")
+    t.add_argument("--fusion", choices=["concat", "gated", "cross_attention"],
+                   help="fusion strategy (default: the workload's)")
+    t.add_argument("--text-source", default="builtin",
+                   help="'builtin' (small BERT, WordPiece trained on the corpus), 'minilm' "
+                   "(pretrained all-MiniLM-L6-v2, needs the minilm extra), or a local HF encoder dir")
+    t.add_argument("--epochs", type=int, default=12)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--min-f1", type=float, default=None,
+                   help="exit with code 3 if the lowest per-head macro-F1 is below this")
+    t.set_defaults(func=cmd_train)
+
+    k = sub.add_parser(
+        "package", formatter_class=_FMT, help="turn a trained model into a model package",
+        description="Build a model package (manifest.json with signature, labels, thresholds,\n"
+        "preprocessing and a sha256 per file) from a trained model directory.  The package is\n"
+        "written atomically and verified after writing.",
+        epilog="example:\n  mmpipe package --trained models/retail --out packages/retail --version 2026.11.1",
+    )
+    k.add_argument("--trained", required=True, help="directory written by `mmpipe train`")
+    k.add_argument("--out", required=True, help="package directory to create")
+    k.add_argument("--name", help="model name (default: WORKLOAD-fusion)")
+    k.add_argument("--version", default="1", help="model version string (default 1)")
+    k.add_argument("--overwrite", action="store_true", help="replace an existing package atomically")
+    k.set_defaults(func=cmd_package)
+
+    r = sub.add_parser(
+        "predict", formatter_class=_FMT, help="JSONL records in, JSONL results out",
+        description="Run a model package on a JSONL file of records.  Each input line is one record:\n"
+        '  {"id": "r1", "workload": "retail", "text": "...", "image": "<base64 or file:///path>"}\n'
+        "Each output line is a result with labels and scores, or an error with a reason code;\n"
+        "a bad line never stops the run.  A summary goes to stderr.",
+        epilog="""\
+examples:
+  mmpipe predict --package packages/retail --input records.jsonl --output results.jsonl
+  cat records.jsonl | mmpipe predict --package packages/retail > results.jsonl""",
+    )
+    _add_config(r)
+    r.add_argument("--package", help="model package directory (or model_package in the config)")
+    r.add_argument("--input", "-i", default="-", help="records JSONL, '-' for stdin (default)")
+    r.add_argument("--output", "-o", default="-", help="results JSONL, '-' for stdout (default)")
+    r.add_argument("--engine", choices=["torch", "onnxruntime", "triton"], help="override engine.kind")
+    r.add_argument("--batch-size", type=int, help="override predict.batch_size")
+    r.set_defaults(func=cmd_predict)
+
+    d = sub.add_parser(
+        "demo", formatter_class=_FMT, help="the main job on built-in sample data (no services needed)",
+        description="Generate sample data for medical, retail and media, train (or reuse cached)\n"
+        "small models, package them, run them on the sample records (some broken on purpose)\n"
+        "and print a summary: counts, per-label scores, errors by reason.",
+    )
+    d.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
+    d.add_argument("--records", type=int, default=300, help="sample records per workload to tag")
+    d.add_argument("--retrain", action="store_true", help="ignore cached models")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    setup_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, PackageError, FileNotFoundError, ValueError) as exc:
+        log_event(logger, logging.ERROR, "command_failed", command=args.command, exc_type=type(exc).__name__)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The shared Prometheus metric set.
+
+Every path (CLI, batch, stream, online) records into the same metric names
+with the same labels (``path``, ``workload``, ``model`` and, where it
+applies, ``outcome``, ``reason`` or ``stage``), so one dashboard and one set
+of alerts covers them all.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+NAMESPACE = "mmpipe"
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+BASE = ("path", "workload", "model")
+
+
+class Metrics:
+    """All metrics of mmpipe, registered once per registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.records = Counter(
+            "records", "Records processed, by outcome (ok or error).",
+            [*BASE, "outcome"], namespace=NAMESPACE, registry=registry,
+        )
+        self.errors = Counter(
+            "record_errors", "Records rejected, by reason code.",
+            [*BASE, "reason"], namespace=NAMESPACE, registry=registry,
+        )
+        self.stage_seconds = Histogram(
+            "stage_seconds", "Time per pipeline stage (preprocess, infer, postprocess) per batch.",
+            [*BASE, "stage"], namespace=NAMESPACE, registry=registry, buckets=_LATENCY_BUCKETS,
+        )
+        self.request_seconds = Histogram(
+            "request_seconds", "End-to-end latency of a request, batch or micro-batch.",
+            BASE, namespace=NAMESPACE, registry=registry, buckets=_LATENCY_BUCKETS,
+        )
+        self.batch_size = Histogram(
+            "batch_size", "Records per engine call.",
+            BASE, namespace=NAMESPACE, registry=registry, buckets=_BATCH_BUCKETS,
+        )
+        self.queue_depth = Gauge(
+            "queue_depth", "Records waiting to be processed.",
+            BASE, namespace=NAMESPACE, registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            "consumer_lag", "Kafka consumer lag in records, per partition.",
+            [*BASE, "topic", "partition"], namespace=NAMESPACE, registry=registry,
+        )
+        self.model_info = Gauge(
+            "model_info", "Loaded model (value is always 1).",
+            [*BASE, "version", "engine", "provider"], namespace=NAMESPACE, registry=registry,
+        )
+
+
+_lock = threading.Lock()
+_by_registry: dict[int, Metrics] = {}
+
+
+def get_metrics(registry: CollectorRegistry | None = None) -> Metrics:
+    """The Metrics of ``registry`` (the process default when omitted).
+
+    prometheus_client refuses to register a name twice, so every component
+    of a process shares one Metrics object per registry."""
+    reg = registry or REGISTRY
+    with _lock:
+        m = _by_registry.get(id(reg))
+        if m is None:
+            m = Metrics(reg)
+            _by_registry[id(reg)] = m
+        return m

@@ -1,0 +1,178 @@
+"""Model packages: the only artifact that moves from export to serving.
+
+A package is a directory::
+
+    manifest.json              name, version, workload spec, signature,
+                               variants, sha256 of every file, parity report
+    model/config.json          fusion model config (PyTorch reference)
+    model/model.safetensors    weights (no pickle anywhere)
+    tokenizer/tokenizer.json   fast tokenizer, loaded without transformers
+    (ONNX variants are added by the exporters)
+
+Loading verifies every checksum and refuses a package with a missing,
+altered or unlisted-but-referenced file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline import __version__
+from pipeline.errors import PackageError
+from pipeline.spec import WorkloadSpec
+from pipeline.tokenizer import TextEncoder
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_CHUNK = 1 << 20
+
+
+class TensorSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+class Signature(BaseModel):
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+class Variant(BaseModel):
+    """One runnable form of the model (``torch``, ``onnx-fp32``, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+    engine: str
+    files: list[str]
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    mmpipe_version: str = __version__
+    workload: WorkloadSpec
+    signature: Signature
+    variants: dict[str, Variant]
+    files: dict[str, str] = Field(description="relative path -> sha256")
+    training: dict[str, Any] = Field(default_factory=dict)
+    parity: dict[str, Any] | None = None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _safe_rel(root: Path, rel: str) -> Path:
+    p = (root / rel).resolve()
+    if root.resolve() not in p.parents:
+        raise PackageError(f"manifest lists a path outside the package: {rel!r}")
+    return p
+
+
+class ModelPackage:
+    """A verified model package on disk."""
+
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        self.root = root
+        self.manifest = manifest
+
+    @property
+    def spec(self) -> WorkloadSpec:
+        return self.manifest.workload
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    def path(self, rel: str) -> Path:
+        if rel not in self.manifest.files:
+            raise PackageError(f"package {self.root} has no file {rel!r} in its manifest")
+        return _safe_rel(self.root, rel)
+
+    def variant(self, name: str) -> Variant:
+        try:
+            return self.manifest.variants[name]
+        except KeyError:
+            raise PackageError(
+                f"package {self.name} has no variant {name!r}; it has {sorted(self.manifest.variants)}"
+            ) from None
+
+    def text_encoder(self) -> TextEncoder | None:
+        prep = self.spec.preprocessing.text
+        if prep is None:
+            return None
+        return TextEncoder.load(self.path("tokenizer/tokenizer.json").parent, prep.max_length)
+
+
+def read_manifest(root: Path) -> Manifest:
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise PackageError(f"{root} is not a model package: {MANIFEST} is missing")
+    try:
+        data = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{mpath} is not valid JSON: {exc}") from None
+    if isinstance(data, dict) and data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise PackageError(
+            f"package format {data['format_version']} is newer than this mmpipe understands "
+            f"({FORMAT_VERSION}); upgrade mmpipe"
+        )
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise PackageError(f"{mpath} is not a valid manifest:\n{exc}") from None
+
+
+def verify(root: Path, manifest: Manifest) -> None:
+    """Every listed file exists and matches its sha256; every variant's files
+    are listed.  Raises PackageError naming each problem."""
+    problems: list[str] = []
+    for rel, digest in sorted(manifest.files.items()):
+        p = _safe_rel(root, rel)
+        if not p.is_file():
+            problems.append(f"missing file {rel}")
+        elif sha256_file(p) != digest:
+            problems.append(f"checksum mismatch for {rel} (file altered or corrupt)")
+    for vname, var in manifest.variants.items():
+        for rel in var.files:
+            if rel not in manifest.files:
+                problems.append(f"variant {vname} uses {rel}, which has no checksum")
+    if problems:
+        raise PackageError(f"model package {root} refused: " + "; ".join(problems))
+
+
+def load_package(root: str | Path) -> ModelPackage:
+    """Read and verify a model package."""
+    r = Path(root)
+    if not r.is_dir():
+        raise PackageError(f"model package directory not found: {r}")
+    manifest = read_manifest(r)
+    verify(r, manifest)
+    return ModelPackage(r, manifest)
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    """Recompute every listed checksum and write the manifest atomically."""
+    manifest.files = {rel: sha256_file(_safe_rel(root, rel)) for rel in sorted(manifest.files)}
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+    tmp.replace(root / MANIFEST)

@@ -1,0 +1,38 @@
+"""Shared fixtures.  Trained models are built once per session (small, fast)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A run that collected nothing must fail, not pass quietly (pytest's 5)."""
+    if session.testscollected == 0 and exitstatus in (0, 5):
+        session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def tiny_packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A quickly trained (few steps) package per built-in workload.
+
+    Good enough to exercise every code path; accuracy is tested separately
+    by the end-to-end test that trains fully."""
+    from exporters.package import build_package
+    from pipeline import sample_data
+    from pipeline.spec import BUILTIN_WORKLOADS, load_workload
+    from pipeline.train import train
+
+    root = tmp_path_factory.mktemp("tiny")
+    out: dict[str, Path] = {}
+    for name in BUILTIN_WORKLOADS:
+        spec = load_workload(name)
+        samples = sample_data.generate(name, 48, seed=3)
+        train(spec, samples, root / f"trained-{name}", max_steps=3, progress=False)
+        out[name] = build_package(root / f"trained-{name}", root / f"pkg-{name}").root
+    return out
