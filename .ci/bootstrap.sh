@@ -31,4 +31,8 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 # The project itself, editable from this checkout (cheap, always).
-"$venv/bin/python" -m pip install -q --no-deps -e "$repo" >/dev/null
+log=$(mktemp)
+if ! "$venv/bin/python" -m pip install -q --no-deps -e "$repo" >"$log" 2>&1; then
+  cat "$log" >&2; rm -f "$log"; exit 1
+fi
+rm -f "$log"

@@ -62,9 +62,21 @@ class MediaConfig(_Strict):
 
 
 class EngineConfig(_Strict):
+    """Which engine runs the model, and how.
+
+    ``variant`` picks the package's ONNX variant for ``onnxruntime``
+    (``auto``: fp16 when a GPU provider is active, else fp32)."""
+
     kind: Literal["torch", "onnxruntime", "triton"] = "torch"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, description="intra-op threads; 0 = library default")
+    variant: Literal["auto", "fp32", "fp16", "int8"] = "auto"
+    providers: list[str] | None = Field(
+        None, description="onnxruntime providers in order; default TensorRT, CUDA, CPU"
+    )
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    trt_cache_dir: Path | None = Field(None, description="TensorRT engine cache (default: PACKAGE/tensorrt)")
+    trt_fp16: bool = True
 
 
 class PredictConfig(_Strict):

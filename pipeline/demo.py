@@ -113,7 +113,7 @@ def run_workload(name: str, out: Path, records: int, retrain: bool) -> dict[str,
         for r in results:
             if r.error is None:
                 for ls in r.heads[h.name].labels:
-                    per[ls.label].append(ls.score if h.type == "multilabel" else ls.score)
+                    per[ls.label].append(ls.score)
                     if h.type == "multiclass":
                         break  # count the top-1 class only
         label_counts[h.name] = {
@@ -152,7 +152,9 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
     print(f"\nrecords in = results + errors for every workload: {'yes' if ok else 'NO'}")
 
 
-def run_demo(out: Path, records: int = 300, retrain: bool = False, workloads: tuple[str, ...] = BUILTIN_WORKLOADS) -> int:
+def run_demo(
+    out: Path, records: int = 300, retrain: bool = False, workloads: tuple[str, ...] = BUILTIN_WORKLOADS
+) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = [run_workload(w, out, records, retrain) for w in workloads]
     (out / "summary.json").write_text(json.dumps(rows, indent=2))

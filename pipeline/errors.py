@@ -8,10 +8,10 @@ content, because records may carry patient data.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class Reason(str, Enum):
+class Reason(StrEnum):
     """Stable reason codes.  Dashboards and dead-letter consumers key on these,
     so existing values must never change meaning."""
 

@@ -114,7 +114,9 @@ class Predictor:
             return self.error_result(_guess_id(raw), err.code, err.message)
         except Exception as exc:  # a decoder bug must not take the batch down
             log_event(logger, logging.ERROR, "preprocess_bug", exc_type=type(exc).__name__)
-            return self.error_result(_guess_id(raw), Reason.BAD_RECORD, f"record could not be processed ({type(exc).__name__})")
+            return self.error_result(
+                _guess_id(raw), Reason.BAD_RECORD, f"record could not be processed ({type(exc).__name__})"
+            )
 
     def infer(self, prepared: Sequence[Prepared]) -> list[Result]:
         """Run prepared records through the engine in chunks of ``batch_size``."""

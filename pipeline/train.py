@@ -196,7 +196,9 @@ def _loss(spec: WorkloadSpec, outputs: dict[str, Any], targets: dict[str, Any]):
     return total
 
 
-def evaluate(model, spec: WorkloadSpec, pre: Preprocessor, examples: list[Example], batch_size: int = 64) -> dict[str, float]:
+def evaluate(
+    model, spec: WorkloadSpec, pre: Preprocessor, examples: list[Example], batch_size: int = 64
+) -> dict[str, float]:
     """Held-out macro-F1 per head, thresholds as the Predictor applies them."""
     import torch
 

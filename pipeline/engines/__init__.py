@@ -15,6 +15,8 @@ def create_engine(package: ModelPackage, cfg: EngineConfig) -> Engine:
         variant = package.variant("torch")
         model_dir = package.path(variant.files[0]).parent
         return TorchEngine(model_dir, device=cfg.device, threads=cfg.threads)
+    if cfg.kind == "onnxruntime":
+        return _onnx_engine(package, cfg)
     raise ValueError(
         f"engine {cfg.kind!r} is not available for package {package.name}: "
         f"variants present are {sorted(package.manifest.variants)}"
@@ -22,3 +24,22 @@ def create_engine(package: ModelPackage, cfg: EngineConfig) -> Engine:
 
 
 __all__ = ["Engine", "create_engine"]
+
+
+def _onnx_engine(package: ModelPackage, cfg: EngineConfig) -> Engine:
+    import onnxruntime as ort
+
+    from pipeline.engines.onnx_engine import CPU, OnnxRuntimeEngine, choose_providers
+
+    variant = cfg.variant
+    if variant == "auto":
+        providers = choose_providers(cfg.providers, cfg.device, ort.get_available_providers(), quiet=True)
+        gpu = providers[0] != CPU
+        variant = "fp16" if gpu and "onnx-fp16" in package.manifest.variants else "fp32"
+    var = package.variant(f"onnx-{variant}")
+    trt_cache = cfg.trt_cache_dir or (package.root / "tensorrt")
+    return OnnxRuntimeEngine(
+        package.path(var.files[0]), device=cfg.device, providers=cfg.providers, threads=cfg.threads,
+        graph_optimization=cfg.graph_optimization, trt_cache_dir=trt_cache, trt_fp16=cfg.trt_fp16,
+        trt_profiles=getattr(var, "trt_profiles", None), signature=package.manifest.signature.model_dump(),
+    )

@@ -138,5 +138,5 @@ def test_minilm_text_tower_loads_offline() -> None:
     tower = TextTower(TextTowerConfig(source="minilm"), 32)
     assert tower.encoder.config.hidden_size == 384
     ids = torch.tensor([[101, 7592, 2088, 102]])
-    toks, mask = tower(ids, torch.ones_like(ids))
+    toks, _mask = tower(ids, torch.ones_like(ids))
     assert toks.shape == (1, 4, 32)

@@ -45,7 +45,7 @@ def test_tampered_weights_refused(pkg: Path) -> None:
 
 def test_missing_file_refused(pkg: Path) -> None:
     (pkg / "tokenizer" / "tokenizer.json").unlink()
-    with pytest.raises(PackageError, match="missing file tokenizer/tokenizer.json"):
+    with pytest.raises(PackageError, match=r"missing file tokenizer/tokenizer\.json"):
         load_package(pkg)
 
 
