@@ -75,14 +75,6 @@ HEADS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
     },
 }
 
-#: Modalities a record of each workload starts with before random dropping.
-#: ``visual`` is the image field, or for media sometimes the video field.
-BASE_MODALITIES: dict[str, tuple[str, ...]] = {
-    "medical": ("text", "visual", "audio"),
-    "retail": ("text", "visual", "tabular"),
-    "media": ("text", "visual", "audio"),
-}
-
 # Text budgets in rough word/punctuation tokens, kept below each workload's
 # ``preprocessing.text.max_length`` (48 medical, 32 otherwise) minus [CLS]/[SEP]
 # and word-piece slack, so the keywords are never truncated away.
@@ -213,9 +205,13 @@ class Sample:
 def generate(workload: str, n: int, seed: int = 0, *, missing_rate: float = 0.15) -> list[Sample]:
     """``n`` learnable samples of ``workload``; same arguments, same bytes.
 
-    ``missing_rate`` is the probability that each modality a record would
-    carry is dropped; at least one modality always remains, so every record
-    is valid input.
+    Before dropping, a record carries: medical text + image (8-bit PNG,
+    16-bit PNG or DICOM) + dictation audio in ~60%; retail text + image +
+    tabular; media text + image-or-video (~30% video) + audio in ~70%.
+    ``missing_rate`` is the probability that each of those is dropped; at
+    least one modality always remains, so every record is valid input.  The
+    content is drawn before dropping, so changing ``missing_rate`` only
+    changes which fields survive, never labels or bytes.
     """
     if workload not in _GENERATORS:
         raise ValueError(f"unknown workload {workload!r}: use one of {', '.join(WORKLOADS)}")
@@ -1248,10 +1244,12 @@ def _media_text(rng: np.random.Generator, content: list[str], moderation: str) -
     return text
 
 
-def _media_audio(rng: np.random.Generator, content: list[str]) -> bytes:
+def _media_audio(rng: np.random.Generator, content: list[str], moderation: str) -> bytes:
     """Soundtrack with one signature per content tag: music a harmonic chord,
     sports crowd-like noise bursts, news a steady mid tone, nature high
-    chirps, animals low pulses; plus background hiss."""
+    chirps, animals low pulses.  Moderation is audible too (a third carrier
+    besides pixels and words): unsafe clips have gunshot-like broadband
+    cracks, sensitive ones censor bleeps.  Plus background hiss."""
     sr = int(_choice(rng, (16_000, 16_000, 44_100)))
     n = int(sr * rng.uniform(1.0, 2.0))
     t = np.arange(n, dtype=np.float32) / sr
@@ -1292,6 +1290,19 @@ def _media_audio(rng: np.random.Generator, content: list[str]) -> bytes:
                 y[start:start + length] += (np.sin(2 * np.pi * f * tt) + 0.3 * np.sin(4 * np.pi * f * tt)) * \
                     np.hanning(length)
         x += gain * np.asarray(y, dtype=np.float32)
+    if moderation == "unsafe":
+        for _ in range(int(rng.integers(2, 5))):
+            start, length = int(rng.uniform(0, 0.9) * n), int(0.12 * sr)
+            length = min(length, n - start)
+            decay = np.exp(-np.arange(length, dtype=np.float32) / (sr * rng.uniform(0.02, 0.04)))
+            x[start:start + length] += 2.5 * rng.standard_normal(length).astype(np.float32) * decay
+    elif moderation == "sensitive":
+        freq = rng.uniform(950, 1050)
+        for _ in range(int(rng.integers(2, 4))):
+            start, length = int(rng.uniform(0, 0.8) * n), int(rng.uniform(0.12, 0.22) * sr)
+            length = min(length, n - start)
+            tt = np.arange(length, dtype=np.float32) / sr
+            x[start:start + length] += 0.9 * np.sin(2 * np.pi * freq * tt) * _fade(length, sr, 5)
     x *= _fade(n, sr)
     x = _finish_audio(rng, x, (0.005, 0.02))
     return _wav_bytes(x, sr, "WAV")
@@ -1312,7 +1323,7 @@ def _make_media(rng: np.random.Generator, rid: str, missing_rate: float) -> Samp
         visual = _encode_rgb(rng, arr, (("jpeg", 0.6), ("png", 0.4)))
     text = _media_text(rng, content, moderation)
     present = ["text", "visual"] + (["audio"] if rng.random() < 0.7 else [])
-    audio = _media_audio(rng, content)
+    audio = _media_audio(rng, content, moderation)
     kept = _drop_modalities(rng, present, missing_rate)
     record: dict[str, Any] = {"id": rid, "workload": "media"}
     if "text" in kept:
