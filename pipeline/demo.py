@@ -59,43 +59,20 @@ def trained_model(spec: WorkloadSpec, retrain: bool = False) -> tuple[Path, dict
     return target, dict(report.__dict__)
 
 
-def _truth_vs_pred(spec: WorkloadSpec, results: list, labels: dict[str, dict]) -> dict[str, float]:
-    """Macro-F1 of the tagged sample records against their generated labels."""
-    from pipeline.train import macro_f1
-
-    out: dict[str, float] = {}
-    for h in spec.heads:
-        if h.type == "token":
-            continue
-        truth, pred = [], []
-        for r in results:
-            if r.error is not None or r.id not in labels:
-                continue
-            t = labels[r.id]["labels"][h.name]
-            got = [ls.label for ls in r.heads[h.name].labels]
-            if h.type == "multiclass":
-                truth.append(h.labels.index(t))
-                pred.append(h.labels.index(got[0]))
-            else:
-                truth.append(np.isin(h.labels, t).astype(np.float32))
-                pred.append(np.isin(h.labels, got).astype(np.float32))
-        out[h.name] = round(macro_f1(h, truth, pred), 4)
-    return out
-
-
 def run_workload(name: str, out: Path, records: int, retrain: bool) -> dict[str, Any]:
     from exporters.package import build_package
     from pipeline import sample_data
     from pipeline.config import EngineConfig
     from pipeline.engines import create_engine
     from pipeline.predictor import Predictor
+    from pipeline.train import score_results
 
     spec = load_workload(name)
     trained, report = trained_model(spec, retrain)
     pkg = build_package(trained, out / "packages" / name, version="demo", overwrite=True)
     predictor = Predictor(pkg, create_engine(pkg, EngineConfig(kind="torch")), path="demo")
     samples = sample_data.generate(name, records, seed=TAG_SEED)
-    labels = {s.record["id"]: {"labels": s.labels} for s in samples}
+    labels = {s.record["id"]: s.labels for s in samples}
     inputs: list[Any] = [s.record for s in samples] + [r for r, _ in sample_data.broken_records(name, TAG_SEED)]
     results = predictor.predict(inputs)
     (out / "results").mkdir(parents=True, exist_ok=True)
@@ -126,7 +103,7 @@ def run_workload(name: str, out: Path, records: int, retrain: bool) -> dict[str,
         "results": sum(1 for r in results if r.error is None),
         "errors": dict(sorted(errors.items())),
         "train_f1": report.get("f1", {}),
-        "tagged_f1": _truth_vs_pred(spec, results, labels),
+        "tagged_f1": score_results(spec, results, labels),
         "labels": label_counts,
     }
 

@@ -123,6 +123,31 @@ def macro_f1(head: HeadSpec, truth: list[Any], pred: list[Any]) -> float:
     return _f1(tp, fp, fn)
 
 
+def score_results(spec: WorkloadSpec, results: list, labels: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Macro-F1 per classification head of Predictor results (``Result``
+    objects) against ground truth (record id -> {head: label or labels}).
+    Error results and records without ground truth are not scored."""
+    out: dict[str, float] = {}
+    for h in spec.heads:
+        if h.type == "token":
+            continue
+        truth: list[Any] = []
+        pred: list[Any] = []
+        for r in results:
+            if r.error is not None or r.id not in labels:
+                continue
+            t = labels[r.id][h.name]
+            got = [ls.label for ls in r.heads[h.name].labels]
+            if h.type == "multiclass":
+                truth.append(h.labels.index(t))
+                pred.append(h.labels.index(got[0]))
+            else:
+                truth.append(np.isin(h.labels, t).astype(np.float32))
+                pred.append(np.isin(h.labels, got).astype(np.float32))
+        out[h.name] = round(macro_f1(h, truth, pred), 4)
+    return out
+
+
 # -- training ---------------------------------------------------------------------
 def _drop(p: Prepared, modality: str, encoder: TextEncoder | None) -> Prepared:
     feats = dict(p.features)

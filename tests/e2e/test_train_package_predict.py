@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from pipeline.records import Result
 from pipeline.spec import load_workload
-from pipeline.train import macro_f1
+from pipeline.train import score_results
 
 pytestmark = pytest.mark.slow
 
@@ -41,30 +41,20 @@ def test_generate_train_package_predict(tmp_path: Path, workload: str) -> None:
     assert len(rows) == n_lines, "one output line per input line, errors included"
     errors = [r for r in rows if "error" in r]
     assert errors, "the broken records must come back as errors"
-    assert all(r["error"]["code"] and r["error"]["message"] for r in errors)
+    assert all(r["error"]["message"] for r in errors)
+    from pipeline import sample_data
+
+    expected = sorted(reason for _, reason in sample_data.broken_records(workload, 42))
+    assert sorted(r["error"]["code"] for r in errors) == expected, "each broken record with its own reason"
     assert f"{n_lines} records in" in pred.stderr
 
-    labels = {}
-    for line in (data / "labels.jsonl").read_text().splitlines():
-        item = json.loads(line)
-        labels[item["id"]] = item["labels"]
+    labels = {r["id"]: r["labels"] for r in map(json.loads, (data / "labels.jsonl").read_text().splitlines())}
     spec = load_workload(workload)
-    ok = [r for r in rows if "error" not in r]
-    assert {r["id"] for r in ok} == set(labels)
-    assert all(r["model_version"] == "7" for r in ok)
-    for head in spec.heads:
-        if head.type == "token":
-            assert any(r["heads"][head.name].get("spans") for r in ok)
-            continue
-        truth, got = [], []
-        for r in ok:
-            predicted = [ls["label"] for ls in r["heads"][head.name]["labels"]]
-            t = labels[r["id"]][head.name]
-            if head.type == "multiclass":
-                truth.append(head.labels.index(t))
-                got.append(head.labels.index(predicted[0]))
-            else:
-                truth.append(np.isin(head.labels, t).astype(np.float32))
-                got.append(np.isin(head.labels, predicted).astype(np.float32))
-        f1 = macro_f1(head, truth, got)
-        assert f1 >= 0.9, f"{workload}/{head.name}: macro-F1 {f1:.3f} on unseen records"
+    ok = [Result.model_validate(r) for r in rows if "error" not in r]
+    assert {r.id for r in ok} == set(labels)
+    assert all(r.model_version == "7" for r in ok)
+    token_heads = [h.name for h in spec.heads if h.type == "token"]
+    for name in token_heads:
+        assert any(r.heads[name].spans for r in ok), "token head tagged nothing"
+    for head, f1 in score_results(spec, ok, labels).items():
+        assert f1 >= 0.9, f"{workload}/{head}: macro-F1 {f1:.3f} on unseen records"
