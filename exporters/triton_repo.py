@@ -47,12 +47,15 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.errors import PackageError
-from pipeline.package import MANIFEST, ModelPackage, load_package, sha256_file
+
+if TYPE_CHECKING:
+    from pipeline.package import ModelPackage
+
+# numpy and pipeline.package are imported where used: `mmpipe --help` builds
+# this module's parser and should stay quick.
 
 InstanceKind = Literal["auto", "gpu", "cpu"]
 
@@ -182,6 +185,8 @@ def _warmup_files(pkg: ModelPackage, seq_len: int | None) -> dict[str, bytes]:
     """Raw warmup tensors (one batch row) that zero/random data cannot give
     validly: an attention mask and a presence mask of ones (all-zero masks
     would warm up a degenerate path)."""
+    import numpy as np
+
     files: dict[str, bytes] = {}
     for t in pkg.manifest.signature.inputs:
         if t.name in ("attention_mask", "presence"):
@@ -295,6 +300,8 @@ def build_triton_repo(
     instances only).  ``cpu_python_backend`` adds ``NAME_cpu`` and
     ``NAME_ensemble_cpu``, which run anywhere the python backend does.
     """
+    from pipeline.package import MANIFEST, load_package, sha256_file
+
     pkg = load_package(package_dir)
     name = model_name or pkg.name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,100}", name):
@@ -352,9 +359,12 @@ def build_triton_repo(
         "model_warmup": warm,
     }
     if cpu_python_backend:
+        # Triton's dynamic batcher only merges requests of equal shapes; the
+        # python model pads text itself, so it may take ragged lengths.
+        cpu_inputs = [{**t, "allow_ragged_batch": True} if -1 in t["dims"] else t for t in inputs]
         models[f"{name}_cpu"] = {
             "name": f"{name}_cpu", "backend": "python", "max_batch_size": max_batch_size,
-            "version_policy": policy, "input": inputs, "output": outputs, "dynamic_batching": batching,
+            "version_policy": policy, "input": cpu_inputs, "output": outputs, "dynamic_batching": batching,
             "instance_group": [{"name": f"{name}_cpu", "kind": Enum("KIND_CPU"), "count": cpu_instance_count}],
             "parameters": [_param("MODEL_FILE", "model.onnx"), _param("PAD_ID", str(pad_id)),
                            _param("ORT_INTRA_OP_THREADS", "0")],
@@ -363,7 +373,7 @@ def build_triton_repo(
     pre_outputs = [_tensor(t.name, t.dtype, _dims(t.shape, seq_len)) for t in sig.inputs]
     pre_outputs += [_tensor("VALID", "bool", [1]), _tensor("ERROR", "string", [1]),
                     _tensor("ERROR_MESSAGE", "string", [1])]
-    if seq_len is not None:
+    if seq_len is not None and any(h.type == "token" for h in pkg.spec.heads):
         pre_outputs.append(_tensor(TOKEN_OFFSETS, "int64", [seq_len, 2]))
     models[f"{name}_preprocess"] = {
         "name": f"{name}_preprocess", "backend": "python", "max_batch_size": max_batch_size,
@@ -392,7 +402,9 @@ def build_triton_repo(
 
     repo = Path(out_dir)
     repo.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
+    # Staged beside the repository, not in it: a server polling the
+    # repository must never see a half-written model directory.
+    stage = Path(tempfile.mkdtemp(prefix=f".{repo.name}.{name}.", dir=repo.resolve().parent))
     try:
         vdir = str(model_version)
         for mname, cfg in models.items():
@@ -428,10 +440,9 @@ def build_triton_repo(
         for mname in (name, f"{name}_cpu", f"{name}_preprocess", f"{name}_ensemble", f"{name}_ensemble_cpu"):
             dst = repo / mname
             if dst.exists():
-                old = stage / f".old-{mname}"
-                dst.rename(old)
+                shutil.move(dst, stage / f".old-{mname}")
             if mname in models:
-                (stage / mname).rename(dst)
+                shutil.move(stage / mname, dst)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return repo
@@ -475,7 +486,7 @@ serve (CPU, python backend only, e.g. the nvidia-pytriton wheel):
     p.add_argument("--out", required=True, help="model repository root (created; other models kept)")
     p.add_argument("--variant", default="onnx-fp32", help="package variant to serve (default onnx-fp32)")
     p.add_argument("--name", help="Triton model name (default: the package name)")
-    p.add_argument("--version", type=int, default=1, help="model version directory (default 1)")
+    p.add_argument("--model-version", type=int, default=1, help="model version directory (default 1)")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--preferred-batch-sizes", default="8,16,32", help="comma-separated; '' for none")
     p.add_argument("--max-queue-delay-us", type=int, default=2000)
@@ -509,13 +520,15 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
             instance_kind=args.instance_kind, instance_count=args.instances, tensorrt=args.tensorrt,
             tensorrt_precision=args.tensorrt_precision, tensorrt_cache_dir=args.tensorrt_cache_dir,
             warmup=not args.no_warmup, version_policy=args.version_policy,
-            cpu_python_backend=not args.no_cpu_models, model_name=args.name, model_version=args.version,
+            cpu_python_backend=not args.no_cpu_models, model_name=args.name, model_version=args.model_version,
             preprocess_instance_count=args.preprocess_instances, pythonpath=args.pythonpath,
         )
     except TritonRepoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    name = args.name or load_package(args.package).name
+    from pipeline.package import read_manifest
+
+    name = args.name or read_manifest(Path(args.package)).name
     which = repository_models(name, cpu_python_backend=not args.no_cpu_models)
     print(f"Triton models for {name} written to {repo}")
     print(json.dumps(which, indent=2))

@@ -294,6 +294,10 @@ sample records, both with label agreement >= 99%.""",
     e.add_argument("--tensorrt-fp32", action="store_true", help="TensorRT in fp32 instead of fp16")
     e.set_defaults(func=cmd_export)
 
+    from exporters.triton_repo import add_parser as add_triton_repo
+
+    add_triton_repo(sub)
+
     r = sub.add_parser(
         "predict", formatter_class=_FMT, help="JSONL records in, JSONL results out",
         description="Run a model package on a JSONL file of records.  Each input line is one record:\n"
@@ -309,7 +313,8 @@ examples:
     r.add_argument("--package", help="model package directory (or model_package in the config)")
     r.add_argument("--input", "-i", default="-", help="records JSONL, '-' for stdin (default)")
     r.add_argument("--output", "-o", default="-", help="results JSONL, '-' for stdout (default)")
-    r.add_argument("--engine", choices=["torch", "onnxruntime", "triton"], help="override engine.kind")
+    r.add_argument("--engine", choices=["auto", "torch", "onnxruntime", "triton"],
+                   help="override engine.kind (default auto: onnxruntime if the package has ONNX variants)")
     r.add_argument("--batch-size", type=int, help="override predict.batch_size")
     r.set_defaults(func=cmd_predict)
 

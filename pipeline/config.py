@@ -67,7 +67,9 @@ class EngineConfig(_Strict):
     ``variant`` picks the package's ONNX variant for ``onnxruntime``
     (``auto``: fp16 when a GPU provider is active, else fp32)."""
 
-    kind: Literal["torch", "onnxruntime", "triton"] = "torch"
+    kind: Literal["auto", "torch", "onnxruntime", "triton"] = Field(
+        "auto", description="auto: onnxruntime when the package has ONNX variants, else torch"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, description="intra-op threads; 0 = library default")
     variant: Literal["auto", "fp32", "fp16", "int8"] = "auto"
@@ -77,6 +79,13 @@ class EngineConfig(_Strict):
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     trt_cache_dir: Path | None = Field(None, description="TensorRT engine cache (default: PACKAGE/tensorrt)")
     trt_fp16: bool = True
+    triton_url: str | None = Field(None, description="host:port; default localhost:8001 (grpc) / :8000 (http)")
+    triton_model: str | None = Field(None, description="default: the package name; NAME_cpu on python-only servers")
+    triton_model_version: str = ""
+    triton_protocol: Literal["grpc", "http"] = "grpc"
+    triton_timeout_s: float = Field(10.0, gt=0)
+    triton_retries: int = Field(3, ge=0)
+    triton_backoff_s: float = Field(0.2, ge=0)
 
 
 class PredictConfig(_Strict):

@@ -1,7 +1,8 @@
 """The main job on the embedded default: all three workloads, end to end.
 
-sample data -> train (or reuse a cached model) -> package -> Predictor over
-the sample records (some broken on purpose) -> results JSONL + a summary.
+sample data -> train -> package -> ONNX export with parity check (all three
+cached until the code changes) -> Predictor on ONNX Runtime over the sample
+records (some broken on purpose) -> results JSONL + a summary.
 No external service is needed.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -29,48 +31,55 @@ def cache_root() -> Path:
 
 
 def _code_digest() -> str:
-    """Digest of the package's own source: any code change retrains."""
+    """Digest of mmpipe's own source: any code change retrains and re-exports."""
+    import exporters
+
     h = hashlib.sha256(pipeline.__version__.encode())
-    root = Path(pipeline.__file__).parent
-    for p in sorted(root.rglob("*")):
-        if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts:
-            h.update(p.relative_to(root).as_posix().encode())
-            h.update(p.read_bytes())
+    for root in (Path(pipeline.__file__).parent, Path(exporters.__file__).parent):
+        for p in sorted(root.rglob("*")):
+            if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts:
+                h.update(f"{root.name}/{p.relative_to(root).as_posix()}".encode())
+                h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
 
-def trained_model(spec: WorkloadSpec, retrain: bool = False) -> tuple[Path, dict[str, Any]]:
-    """A trained model directory for ``spec``, from cache when possible."""
+def cached_package(spec: WorkloadSpec, retrain: bool = False) -> tuple[Path, dict[str, Any]]:
+    """A trained, packaged and ONNX-exported model for ``spec``, from the
+    cache when the code has not changed since it was built."""
+    from exporters.onnx_export import export_package
+    from exporters.package import build_package
     from pipeline import sample_data
     from pipeline.train import train
 
     target = cache_root() / "models" / f"{spec.name}-{_code_digest()}"
-    report_file = target / "training.json"
-    if report_file.is_file() and not retrain:
-        return target, json.loads(report_file.read_text())
-    samples = sample_data.generate(spec.name, TRAIN_RECORDS, seed=TRAIN_SEED)
+    if (target / "package" / "manifest.json").is_file() and not retrain:
+        return target / "package", json.loads((target / "trained" / "training.json").read_text())
     tmp = target.with_name(target.name + ".tmp")
-    report = train(spec, samples, tmp)
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    samples = sample_data.generate(spec.name, TRAIN_RECORDS, seed=TRAIN_SEED)
+    report = train(spec, samples, tmp / "trained")
+    build_package(tmp / "trained", tmp / "package", version="demo")
+    export_package(tmp / "package", ("fp32", "int8"))
+    shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    return target, dict(report.__dict__)
+    return target / "package", dict(report.__dict__)
 
 
 def run_workload(name: str, out: Path, records: int, retrain: bool) -> dict[str, Any]:
-    from exporters.package import build_package
     from pipeline import sample_data
     from pipeline.config import EngineConfig
     from pipeline.engines import create_engine
+    from pipeline.package import load_package
     from pipeline.predictor import Predictor
     from pipeline.train import score_results
 
     spec = load_workload(name)
-    trained, report = trained_model(spec, retrain)
-    pkg = build_package(trained, out / "packages" / name, version="demo", overwrite=True)
-    predictor = Predictor(pkg, create_engine(pkg, EngineConfig(kind="torch")), path="demo")
+    cached, report = cached_package(spec, retrain)
+    dst = out / "packages" / name
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(cached, dst)
+    pkg = load_package(dst)
+    predictor = Predictor(pkg, create_engine(pkg, EngineConfig(kind="auto", device="cpu")), path="demo")
     samples = sample_data.generate(name, records, seed=TAG_SEED)
     labels = {s.record["id"]: s.labels for s in samples}
     inputs: list[Any] = [s.record for s in samples] + [r for r, _ in sample_data.broken_records(name, TAG_SEED)]
@@ -99,6 +108,7 @@ def run_workload(name: str, out: Path, records: int, retrain: bool) -> dict[str,
     return {
         "workload": name,
         "package": str(pkg.root),
+        "engine": f"{predictor.engine.name} ({predictor.engine.provider})",
         "records_in": len(inputs),
         "results": sum(1 for r in results if r.error is None),
         "errors": dict(sorted(errors.items())),
@@ -117,7 +127,7 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
         print(f"{r['workload']:<10} {r['records_in']:>5} {r['results']:>5} {sum(r['errors'].values()):>6}   "
               f"{f1:<28} {tf1}")
     for r in rows:
-        print(f"\n{r['workload']}: errors by reason: "
+        print(f"\n{r['workload']} [{r['engine']}]: errors by reason: "
               + (", ".join(f"{k}={v}" for k, v in r["errors"].items()) or "none"))
         for head, labs in r["labels"].items():
             cells = ", ".join(

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Limits, MediaConfig, Settings
-from pipeline.engines import Engine, create_engine
+from pipeline.engines import Engine, EngineUnavailable, create_engine
 from pipeline.errors import PackageError, Reason, RecordError
 from pipeline.log import log_event, safe_id
 from pipeline.metrics import Metrics, get_metrics
@@ -95,7 +95,7 @@ class Predictor:
         self.metrics.records.labels(**self._labels, outcome="error").inc()
         self.metrics.errors.labels(**self._labels, reason=code.value).inc()
         log_event(
-            logger, logging.INFO, "record_rejected", reason=code.value,
+            logger, logging.DEBUG, "record_rejected", reason=code.value,
             record=safe_id(record_id, self.spec.privacy.hash_ids) if record_id else None,
             workload=self.spec.name, path=self.path,
         )
@@ -135,6 +135,9 @@ class Predictor:
         t0 = time.perf_counter()
         try:
             outputs: dict[str, np.ndarray] | None = self._run_engine(chunk)
+        except EngineUnavailable as exc:
+            log_event(logger, logging.ERROR, "engine_unavailable", exc_type=type(exc).__name__, batch=len(chunk))
+            return [self.error_result(p.id, Reason.INFERENCE_FAILED, "the engine is unavailable") for p in chunk]
         except Exception as exc:
             log_event(logger, logging.ERROR, "engine_failed", exc_type=type(exc).__name__, batch=len(chunk))
             outputs = None

@@ -3,27 +3,34 @@
 from __future__ import annotations
 
 from pipeline.config import EngineConfig
-from pipeline.engines.base import Engine
+from pipeline.engines.base import Engine, EngineUnavailable
 from pipeline.package import ModelPackage
 
 
 def create_engine(package: ModelPackage, cfg: EngineConfig) -> Engine:
     """Build the configured engine for a verified package."""
-    if cfg.kind == "torch":
+    kind = cfg.kind
+    if kind == "auto":
+        kind = "onnxruntime" if "onnx-fp32" in package.manifest.variants else "torch"
+    if kind == "torch":
         from pipeline.engines.torch_engine import TorchEngine
 
         variant = package.variant("torch")
         model_dir = package.path(variant.files[0]).parent
         return TorchEngine(model_dir, device=cfg.device, threads=cfg.threads)
-    if cfg.kind == "onnxruntime":
+    if kind == "onnxruntime":
         return _onnx_engine(package, cfg)
+    if kind == "triton":
+        from pipeline.engines.triton_engine import from_package
+
+        return from_package(package, cfg)
     raise ValueError(
         f"engine {cfg.kind!r} is not available for package {package.name}: "
         f"variants present are {sorted(package.manifest.variants)}"
     )
 
 
-__all__ = ["Engine", "create_engine"]
+__all__ = ["Engine", "EngineUnavailable", "create_engine"]
 
 
 def _onnx_engine(package: ModelPackage, cfg: EngineConfig) -> Engine:

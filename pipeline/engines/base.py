@@ -12,6 +12,11 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine cannot be reached (its own retries are spent).  The records
+    are not at fault, so the Predictor does not retry them one by one."""
+
+
 @runtime_checkable
 class Engine(Protocol):
     name: str

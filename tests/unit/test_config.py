@@ -11,7 +11,7 @@ from pipeline.spec import BUILTIN_WORKLOADS, load_workload
 
 def test_defaults_without_file() -> None:
     s = load_settings(None, env={})
-    assert s.engine.kind == "torch" and s.predict.batch_size == 32
+    assert s.engine.kind == "auto" and s.predict.batch_size == 32
 
 
 def test_yaml_and_env_overrides(tmp_path) -> None:

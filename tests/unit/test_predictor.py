@@ -126,3 +126,20 @@ def test_no_record_content_in_logs(tiny_packages: dict[str, Path], caplog: pytes
     assert "record_rejected" in logged
     for needle in ("jane roe", "99812", "ACC-654321", "ACC-777777"):
         assert needle not in logged
+
+
+def test_unreachable_engine_fails_the_chunk_without_per_record_retries(tiny_packages: dict[str, Path]) -> None:
+    from pipeline.engines import EngineUnavailable
+
+    pred, reg = _predictor(tiny_packages["retail"], batch_size=8)
+    calls = []
+
+    def down(feeds):
+        calls.append(len(feeds["presence"]))
+        raise EngineUnavailable("server down")
+
+    pred.engine.run = down  # type: ignore[method-assign]
+    recs = [s.record for s in sample_data.generate("retail", 8, seed=1)]
+    out = pred.predict(recs)
+    assert [r.error.code for r in out] == ["inference_failed"] * 8
+    assert calls == [8], "an unreachable engine must not be retried record by record"
