@@ -131,7 +131,7 @@ def test_no_record_content_in_logs(tiny_packages: dict[str, Path], caplog: pytes
 def test_unreachable_engine_fails_the_chunk_without_per_record_retries(tiny_packages: dict[str, Path]) -> None:
     from pipeline.engines import EngineUnavailable
 
-    pred, reg = _predictor(tiny_packages["retail"], batch_size=8)
+    pred, _ = _predictor(tiny_packages["retail"], batch_size=8)
     calls = []
 
     def down(feeds):
