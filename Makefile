@@ -12,7 +12,7 @@ help:
 
 demo:
 	@.ci/bootstrap.sh train
-	$(VENV)/bin/mmpipe demo $(ARGS)
+	$(VENV)/bin/mmpipe --log-level WARNING demo $(ARGS)
 
 test:
 	@.ci/bootstrap.sh test
