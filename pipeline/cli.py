@@ -158,6 +158,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.batch_size:
         settings.predict.batch_size = args.batch_size
     predictor = Predictor.from_settings(settings, args.package, path="cli")
+    if settings.metrics.enabled and settings.metrics.port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics.port)  # scrapeable while a long run goes on
     src = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
     dst = sys.stdout if args.output == "-" else open(args.output, "w")  # noqa: SIM115
     counts: dict[str, int] = {"in": 0, "ok": 0}
