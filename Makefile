@@ -16,7 +16,7 @@ demo:
 
 test:
 	@.ci/bootstrap.sh test
-	$(VENV)/bin/ruff check pipeline exporters tests bench
+	$(VENV)/bin/ruff check pipeline exporters deploy tests bench
 	$(VENV)/bin/python -m pytest $(ARGS)
 
 lint:

@@ -13,7 +13,7 @@ python=${PYTHON:-python3}
 
 case "$target" in
   train) extras="train,cpu" ;;
-  test)  extras="train,cpu,triton,minilm,dev" ;;
+  test)  extras="train,cpu,triton,serve,minilm,dev" ;;
   *) echo "usage: $0 train|test" >&2; exit 2 ;;
 esac
 

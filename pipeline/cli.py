@@ -301,6 +301,9 @@ sample records, both with label agreement >= 99%.""",
     from exporters.triton_repo import add_parser as add_triton_repo
 
     add_triton_repo(sub)
+    from deploy.serve.cli import add_parser as add_serve
+
+    add_serve(sub)
 
     r = sub.add_parser(
         "predict", formatter_class=_FMT, help="JSONL records in, JSONL results out",

@@ -1,0 +1,279 @@
+"""``mmpipe serve --config serve.yaml``: run a Serve config locally.
+
+The config is Ray Serve's own multi-application format (what ``serve
+build`` writes and KubeRay's RayService ``serveConfigV2`` holds), so the
+file that runs on a laptop is the file a Helm chart hands to KubeRay.  It is
+deployed the way KubeRay deploys it: the whole config goes to the Serve
+controller, which imports each ``import_path``, calls the builder with
+``args`` and applies the ``deployments`` overrides itself.  Building the
+application here and calling ``serve.run`` instead would need mmpipe to
+re-implement how those overrides apply, and could drift from what a
+cluster does with the same file.
+
+The command starts a local Ray (or joins one with ``--address``), deploys,
+waits until every application is RUNNING, prints the endpoints and blocks
+until SIGTERM or SIGINT, then shuts down cleanly (on a cluster it joined,
+it deletes only its own applications).
+
+Relative ``package`` and ``config`` paths in the args of mmpipe's builder
+are resolved against the directory the command runs in, because replicas
+may start in another working directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+BUILDER = "deploy.serve.app:build_app"
+SHUTDOWN_TIMEOUT_S = 60.0
+
+
+def load_serve_config(path: str | Path, base: Path | None = None) -> dict[str, Any]:
+    """Read a Serve config and make mmpipe's relative paths absolute."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"serve config not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"serve config {p} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("applications"), list):
+        raise ConfigError(f"serve config {p} needs an 'applications' list (Ray Serve's multi-application format)")
+    from deploy.serve.config import absolute_packages
+
+    root = base or Path.cwd()
+    for app in data["applications"]:
+        if isinstance(app, dict) and app.get("import_path") == BUILDER and isinstance(app.get("args"), dict):
+            app["args"] = absolute_packages(app["args"], root)
+    return data
+
+
+def validate(config: dict[str, Any]) -> Any:
+    """The config as Ray's ``ServeDeploySchema`` (the schema KubeRay's
+    config goes through), plus mmpipe's args checked for each mmpipe app."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    from deploy.serve.config import AppArgs
+
+    try:
+        schema = ServeDeploySchema.model_validate(config)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid Serve config:\n{exc}") from None
+    for app in schema.applications:
+        if app.import_path == BUILDER:
+            try:
+                AppArgs.model_validate(app.args or {})
+            except ValidationError as exc:
+                raise ConfigError(f"invalid args for application {app.name!r}:\n{exc}") from None
+    return schema
+
+
+class Stopped(Exception):
+    """A stop was requested before the applications were running."""
+
+
+def deploy(config: dict[str, Any], *, timeout_s: float = 600.0, stop: threading.Event | None = None) -> list[str]:
+    """Deploy a Serve config on the connected Ray cluster and wait until
+    every application runs (or ``stop`` is set).  Returns the application
+    names."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    schema = validate(config)
+    serve.start(proxy_location=schema.proxy_location, http_options=schema.http_options.model_dump())
+    # What `serve deploy` and KubeRay do: the controller builds the apps.
+    _get_global_client().deploy_apps(schema)
+    names = [app.name for app in schema.applications]
+    wait_running(names, timeout_s=timeout_s, stop=stop)
+    return names
+
+
+def wait_running(names: list[str], *, timeout_s: float, stop: threading.Event | None = None) -> None:
+    """Block until every named application is RUNNING; raise with Serve's
+    message if one fails to deploy or the time runs out, :class:`Stopped`
+    when ``stop`` is set first (a SIGTERM must not wait out a slow deploy)."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, str] = {}
+    while True:
+        apps = serve.status().applications
+        last = {n: str(getattr(apps.get(n), "status", "NOT_STARTED")) for n in names}
+        failed = [n for n in names if last[n].endswith("DEPLOY_FAILED")]
+        if failed:
+            msg = "; ".join(f"{n}: {apps[n].message}" for n in failed)
+            raise RuntimeError(f"Serve application(s) failed to deploy: {msg}")
+        if all(s.endswith("RUNNING") for s in last.values()):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"applications not running after {timeout_s:.0f}s: {last}")
+        if stop is not None and stop.wait(0.5):
+            raise Stopped()
+        if stop is None:
+            time.sleep(0.5)
+
+
+def _check_packages(config: dict[str, Any]) -> None:
+    """Fail before starting Ray when a local package path is wrong (on a
+    joined cluster, paths are the nodes' business)."""
+    for app in config["applications"]:
+        if app.get("import_path") != BUILDER:
+            continue
+        for m in (app.get("args") or {}).get("models") or []:
+            if not (Path(m["package"]) / "manifest.json").is_file():
+                raise ConfigError(f"application {app.get('name')!r}: {m['package']} is not a model package "
+                                  "(no manifest.json)")
+
+
+# -- the command ---------------------------------------------------------------------------------
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``mmpipe serve``: wired into pipeline.cli with one line."""
+    p = sub.add_parser(
+        "serve", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="run the online service (Ray Serve) from a Serve config YAML",
+        description="Run a Ray Serve config (the format `serve build` writes and KubeRay reads)\n"
+        "locally: start Ray, deploy the applications, wait until they run, serve until\n"
+        "SIGTERM/SIGINT, then shut down.  The mmpipe application serves the Open Inference\n"
+        "Protocol (KServe v2: tritonclient works as against Triton), /v1/WORKLOAD/predict\n"
+        "for records, and /metrics.  See deploy/serve/README.md.",
+        epilog="""\
+examples:
+  mmpipe serve --config deploy/serve/serve.example.yaml
+  mmpipe serve --config serve.yaml --port 8080 --num-cpus 4
+  mmpipe serve --config serve.yaml --address auto       # join a running Ray cluster""",
+    )
+    p.add_argument("--config", "-c", metavar="SERVE_YAML", help="Ray Serve config (applications: ...)")
+    p.add_argument("--address", help="Ray cluster to join (e.g. auto); default: start a local Ray")
+    p.add_argument("--host", help="override http_options.host")
+    p.add_argument("--port", type=int, help="override http_options.port")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--num-gpus", type=int, help="GPUs of the local Ray (default: detected)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for RUNNING (default 600)")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.log import setup_logging
+
+    if not args.config:
+        print("error: --config SERVE_YAML is required", file=sys.stderr)
+        return 2
+    try:
+        config = load_serve_config(args.config)
+        http = dict(config.get("http_options") or {})
+        if args.host:
+            http["host"] = args.host
+        if args.port is not None:
+            http["port"] = args.port
+        config["http_options"] = http
+        validate(config)
+        if args.address is None:
+            _check_packages(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    setup_logging("INFO")
+    local = args.address is None
+    init_kw: dict[str, Any] = {"address": "local" if local else args.address}
+    if local:
+        init_kw.update(num_cpus=args.num_cpus, num_gpus=args.num_gpus, include_dashboard=False)
+    ray.init(**init_kw)
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    # After ray.init, which installs handlers of its own.
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    # Ours to delete on a joined cluster, deployed or half-deployed.
+    names = [app["name"] for app in config["applications"]]
+    try:
+        try:
+            deploy(config, timeout_s=args.timeout, stop=stop)
+        except Stopped:
+            print("stopping before the applications were running", flush=True)
+            return 0
+        except (ConfigError, RuntimeError, TimeoutError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except Exception as exc:  # Ray's own errors (e.g. a builder that raised on the controller)
+            print(f"error: deploying failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        host = http.get("host", "127.0.0.1")
+        port = http.get("port", 8000)
+        for app in config["applications"]:
+            prefix = (app.get("route_prefix") or "/").rstrip("/")
+            print(f"serving {app['name']} at http://{host}:{port}{prefix}/  (v2, v1, metrics)", flush=True)
+        print("ready; SIGTERM or Ctrl-C stops", flush=True)
+        while not stop.wait(1.0):
+            pass
+        print("stopping", flush=True)
+        return 0
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if not _shutdown(local, names):
+            # Ray's atexit hook would hang on the same dead daemon.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+
+def _shutdown(local: bool, names: list[str], timeout_s: float = SHUTDOWN_TIMEOUT_S) -> bool:
+    """Stop Serve (a local Ray entirely; on a joined cluster only our
+    applications), within ``timeout_s``: a Ctrl-C in a terminal also reaches
+    Ray's own daemons, and Serve's shutdown waits forever on a dead raylet."""
+    import ray
+    from ray import serve
+
+    def work() -> None:
+        try:
+            if local:
+                serve.shutdown()
+            else:
+                from deploy.serve.metrics_hub import NAMESPACE, hub_name
+
+                for name in names:
+                    serve.delete(name)
+                    with contextlib.suppress(ValueError):  # no hub: the app never recorded metrics
+                        ray.kill(ray.get_actor(hub_name(name), namespace=NAMESPACE))
+        finally:
+            ray.shutdown()
+
+    t = threading.Thread(target=work, name="mmpipe-serve-shutdown", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        print(f"warning: Ray did not shut down within {timeout_s:.0f}s; exiting anyway", file=sys.stderr)
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m deploy.serve.cli --config serve.yaml`` (same as ``mmpipe serve``)."""
+    parser = argparse.ArgumentParser(prog="mmpipe")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

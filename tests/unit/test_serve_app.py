@@ -1,0 +1,171 @@
+"""The Serve application's pure parts: config, batching merge, metric merge,
+body decoding.  The live application is tested in tests/integration/test_serve.py."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from deploy.serve.config import AppArgs, UserConfig, absolute_packages, resolve_settings
+from pipeline.errors import ConfigError
+from pipeline.metrics import get_metrics
+from pipeline.oip import Spec
+
+pytest.importorskip("ray.serve", reason="the Serve application needs ray[serve]")
+
+from deploy.serve import cli
+from deploy.serve.app import build_app
+from deploy.serve.ingress import HttpError, _json_records, decode_content
+from deploy.serve.metrics_hub import exposition
+from deploy.serve.model import _Queued, merge_feeds, split_outputs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# -- config ---------------------------------------------------------------------------------------
+def test_example_config_is_a_valid_serve_config() -> None:
+    config = cli.load_serve_config(ROOT / "deploy" / "serve" / "serve.example.yaml", base=Path("/srv"))
+    schema = cli.validate(config)
+    app = schema.applications[0]
+    assert app.import_path == cli.BUILDER
+    assert {d.name for d in app.deployments} == {"ingress", "retail-fusion", "medical-fusion", "media-fusion"}
+    assert config["applications"][0]["args"]["models"][0]["package"] == "/srv/demo-out/packages/retail"
+    for d in app.deployments:
+        if d.name != "ingress":
+            UserConfig.model_validate(d.user_config)
+
+
+def test_invalid_configs_are_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("applications: {}\n")
+    with pytest.raises(ConfigError, match="applications"):
+        cli.load_serve_config(bad)
+    with pytest.raises(ConfigError, match="invalid args"):
+        cli.validate({"applications": [{"name": "a", "import_path": cli.BUILDER, "args": {"models": []}}]})
+    with pytest.raises(ConfigError, match="invalid Serve config"):
+        cli.validate({"applications": [{"name": "a"}]})
+
+
+def test_serve_command_refuses_bad_configs_before_starting_ray(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 2
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({"applications": [
+        {"name": "a", "import_path": cli.BUILDER, "args": {"models": [{"package": "nowhere"}]}}]}))
+    assert cli.main(["--config", str(cfg)]) == 2
+    assert "nowhere is not a model package" in capsys.readouterr().err
+    assert cli.main(["--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_relative_paths_become_absolute() -> None:
+    args = {"models": [{"package": "pkgs/retail"}, {"package": "/abs/medical"}], "config": "settings.yaml"}
+    out = absolute_packages(args, Path("/work"))
+    assert out["models"] == [{"package": "/work/pkgs/retail"}, {"package": "/abs/medical"}]
+    assert out["config"] == "/work/settings.yaml" and args["models"][0]["package"] == "pkgs/retail"
+
+
+def test_app_args_validation() -> None:
+    with pytest.raises(ValueError, match="repeated"):
+        AppArgs.model_validate({"models": [{"package": "a", "name": "m"}, {"package": "b", "name": "m"}]})
+    with pytest.raises(ValueError, match="ingress"):
+        AppArgs.model_validate({"models": [{"package": "a", "name": "ingress"}]})
+    with pytest.raises(ValueError):
+        AppArgs.model_validate({"models": [{"package": "a"}], "colour": "red"})
+    with pytest.raises(ValueError):
+        UserConfig.model_validate({"max_batch_size": 8, "batch_timeout": 1})
+
+
+def test_settings_default_to_onnxruntime_and_merge(tmp_path: Path) -> None:
+    args = AppArgs.model_validate({"models": [{"package": "a"}]})
+    assert resolve_settings(args).engine.kind == "onnxruntime"
+    f = tmp_path / "settings.yaml"
+    f.write_text("engine: {kind: torch, threads: 3}\nlimits: {max_request_bytes: 1000}\n")
+    args = AppArgs.model_validate({"models": [{"package": "a"}], "config": str(f),
+                                   "settings": {"engine": {"threads": 2}}})
+    s = resolve_settings(args)
+    assert (s.engine.kind, s.engine.threads, s.limits.max_request_bytes) == ("torch", 2, 1000)
+
+
+def test_one_workload_per_application() -> None:
+    models = [{"package": "/a", "name": "a", "workload": "retail"},
+              {"package": "/b", "name": "b", "workload": "retail"}]
+    with pytest.raises(ConfigError, match="both serve workload 'retail'"):
+        build_app({"models": models})
+    models[1]["workload"] = "medical"
+    build_app({"models": models})  # names and workloads given: no manifest read
+
+
+# -- batching merge -----------------------------------------------------------------------------------
+SIG_IN = [Spec("input_ids", "int64", ["batch", "sequence"]), Spec("attention_mask", "int64", ["batch", "sequence"]),
+          Spec("presence", "float32", ["batch", 2])]
+SIG_OUT = [Spec("cls", "float32", ["batch", 3]), Spec("tags", "float32", ["batch", "sequence", 4])]
+
+
+def _call(rows: int, seq: int) -> _Queued:
+    feeds = {"input_ids": np.full((rows, seq), 7, np.int64), "attention_mask": np.ones((rows, seq), np.int64),
+             "presence": np.ones((rows, 2), np.float32)}
+    return _Queued(0.0, feeds=feeds, dims={"batch": rows, "sequence": seq})
+
+
+def test_merge_pads_sequences_and_split_cuts_them_back() -> None:
+    calls = [_call(2, 3), _call(1, 5)]
+    merged = merge_feeds(calls, SIG_IN, {"input_ids": 0})
+    assert merged["input_ids"].shape == (3, 5) and merged["presence"].shape == (3, 2)
+    assert merged["input_ids"][:2, 3:].tolist() == [[0, 0], [0, 0]]  # pad id
+    assert merged["attention_mask"][:2].sum(axis=1).tolist() == [3, 3]  # pads masked out
+    outputs = {"cls": np.arange(9, dtype=np.float32).reshape(3, 3),
+               "tags": np.arange(60, dtype=np.float32).reshape(3, 5, 4)}
+    first, second = split_outputs(outputs, calls, SIG_OUT)
+    assert first["cls"].tolist() == outputs["cls"][:2].tolist() and first["tags"].shape == (2, 3, 4)
+    assert second["tags"].tolist() == outputs["tags"][2:].tolist()
+    assert first["tags"].tolist() == outputs["tags"][:2, :3].tolist()
+
+
+# -- metrics merge ---------------------------------------------------------------------------------------
+def test_metric_snapshots_merge_with_a_replica_label() -> None:
+    snaps = {}
+    for replica, n in (("m#a", 2), ("m#b", 3)):
+        reg = CollectorRegistry()
+        m = get_metrics(reg)
+        m.records.labels(path="online", workload="retail", model="m", outcome="ok").inc(n)
+        m.batch_size.labels(path="online", workload="retail", model="m").observe(n)
+        snaps[replica] = list(reg.collect())
+    fams = {f.name: f for f in text_string_to_metric_families(exposition(snaps).decode())}
+    totals = {s.labels["replica"]: s.value for s in fams["mmpipe_records"].samples if s.name.endswith("_total")}
+    assert totals == {"m#a": 2.0, "m#b": 3.0}
+    counts = [s for s in fams["mmpipe_batch_size"].samples if s.name.endswith("_count")]
+    assert sorted(s.value for s in counts) == [1.0, 1.0]
+
+
+# -- request bodies -----------------------------------------------------------------------------------------
+def test_decode_content() -> None:
+    body = b'{"inputs": []}' * 10
+    assert decode_content(gzip.compress(body), "gzip", 1000) == body
+    assert decode_content(zlib.compress(body), "deflate", 1000) == body
+    assert decode_content(body, None, 1000) == body
+    with pytest.raises(HttpError) as ei:
+        decode_content(gzip.compress(b"\0" * 5000), "gzip", 1000)  # a small bomb stays small
+    assert ei.value.status == 413
+    with pytest.raises(HttpError) as ei:
+        decode_content(body, "br", 1000)
+    assert ei.value.status == 415
+    with pytest.raises(HttpError) as ei:
+        decode_content(b"not gzip", "gzip", 1000)
+    assert ei.value.status == 400
+
+
+def test_json_records() -> None:
+    assert _json_records(b'{"id": "a", "text": "x"}') == ([{"id": "a", "text": "x"}], True)
+    assert _json_records(b'{"records": [{"id": "a"}, "raw"]}') == ([{"id": "a"}, "raw"], False)
+    for body, code in ((b"{", "bad_json"), (b"[1]", "bad_record"), (b'{"records": []}', "bad_record"),
+                       (b'{"records": [], "x": 1}', "bad_record")):
+        with pytest.raises(HttpError) as ei:
+            _json_records(body)
+        assert (ei.value.status, ei.value.code) == (400, code)
