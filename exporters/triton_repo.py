@@ -480,7 +480,8 @@ serve (GPU image with the onnxruntime backend):
   tritonserver --model-repository triton-repo
 serve (CPU, python backend only, e.g. the nvidia-pytriton wheel):
   tritonserver --model-repository triton-repo --model-control-mode explicit \\
-      --load-model NAME_preprocess --load-model NAME_cpu --load-model NAME_ensemble_cpu""",
+      --load-model NAME_preprocess --load-model NAME_cpu --load-model NAME_ensemble_cpu
+  mmpipe serve --backend triton --repository triton-repo --cpu-only   # the same (PATH or pytriton binary)""",
     )
     p.add_argument("--package", required=True, help="model package directory with an ONNX variant (mmpipe export)")
     p.add_argument("--out", required=True, help="model repository root (created; other models kept)")

@@ -143,25 +143,52 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """``mmpipe serve``: wired into pipeline.cli with one line."""
     p = sub.add_parser(
         "serve", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="run the online service (Ray Serve) from a Serve config YAML",
-        description="Run a Ray Serve config (the format `serve build` writes and KubeRay reads)\n"
-        "locally: start Ray, deploy the applications, wait until they run, serve until\n"
-        "SIGTERM/SIGINT, then shut down.  The mmpipe application serves the Open Inference\n"
-        "Protocol (KServe v2: tritonclient works as against Triton), /v1/WORKLOAD/predict\n"
-        "for records, and /metrics.  See deploy/serve/README.md.",
+        help="run the online service: Ray Serve from a Serve config YAML, or tritonserver on a model repository",
+        description="--backend ray (default): run a Ray Serve config (the format `serve build` writes\n"
+        "and KubeRay reads) locally: start Ray, deploy the applications, wait until they run,\n"
+        "serve until SIGTERM/SIGINT, then shut down.  The mmpipe application serves the Open\n"
+        "Inference Protocol (KServe v2: tritonclient works as against Triton), /v1/WORKLOAD/predict\n"
+        "for records, and /metrics.  See deploy/serve/README.md.\n\n"
+        "--backend triton: run tritonserver on a model repository written by `mmpipe triton-repo`\n"
+        "in the foreground (explicit model control), wait until the models are ready, serve\n"
+        "until SIGTERM/SIGINT, then stop it (its python-backend stubs too).  The binary: --tritonserver,\n"
+        "else `tritonserver` on PATH, else the one nvidia-pytriton ships (python backend only:\n"
+        "use --cpu-only).  See deploy/triton/README.md.",
         epilog="""\
 examples:
   mmpipe serve --config deploy/serve/serve.example.yaml
   mmpipe serve --config serve.yaml --port 8080 --num-cpus 4
-  mmpipe serve --config serve.yaml --address auto       # join a running Ray cluster""",
+  mmpipe serve --config serve.yaml --address auto       # join a running Ray cluster
+
+  mmpipe serve --backend triton --repository triton-repo --cpu-only     # nvidia-pytriton's server
+  mmpipe serve --backend triton --repository triton-repo --host 0.0.0.0 \\
+      --load-model retail-fusion_preprocess --load-model retail-fusion --load-model retail-fusion_ensemble
+  mmpipe serve --backend triton --repository /models --tritonserver /opt/tritonserver/bin/tritonserver""",
     )
-    p.add_argument("--config", "-c", metavar="SERVE_YAML", help="Ray Serve config (applications: ...)")
-    p.add_argument("--address", help="Ray cluster to join (e.g. auto); default: start a local Ray")
-    p.add_argument("--host", help="override http_options.host")
-    p.add_argument("--port", type=int, help="override http_options.port")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--num-gpus", type=int, help="GPUs of the local Ray (default: detected)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for RUNNING (default 600)")
+    p.add_argument("--backend", choices=["ray", "triton"], default="ray",
+                   help="ray: Ray Serve from --config (default); triton: tritonserver on --repository")
+    ray_g = p.add_argument_group("ray backend")
+    ray_g.add_argument("--config", "-c", metavar="SERVE_YAML", help="Ray Serve config (applications: ...)")
+    ray_g.add_argument("--address", help="Ray cluster to join (e.g. auto); default: start a local Ray")
+    ray_g.add_argument("--port", type=int, help="override http_options.port")
+    ray_g.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    ray_g.add_argument("--num-gpus", type=int, help="GPUs of the local Ray (default: detected)")
+    p.add_argument("--host", help="ray: override http_options.host; triton: address to listen on "
+                   "(default 127.0.0.1; 0.0.0.0 for all interfaces)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds to wait for RUNNING (ray) or for the models to be ready (triton) (default 600)")
+    tr = p.add_argument_group("triton backend")
+    tr.add_argument("--repository", metavar="DIR", help="Triton model repository (mmpipe triton-repo --out DIR)")
+    tr.add_argument("--http-port", type=int, default=8000, help="default 8000")
+    tr.add_argument("--grpc-port", type=int, default=8001, help="default 8001")
+    tr.add_argument("--metrics-port", type=int, default=8002, help="default 8002")
+    tr.add_argument("--load-model", action="append", metavar="NAME", default=[],
+                    help="model to load (repeatable; default: every model in the repository, "
+                    "with --cpu-only the *_cpu, *_preprocess and *_ensemble_cpu ones)")
+    tr.add_argument("--cpu-only", action="store_true",
+                    help="load only the python-backend models (servers without the onnxruntime backend, "
+                    "e.g. nvidia-pytriton's)")
+    tr.add_argument("--tritonserver", metavar="PATH", help="tritonserver binary (default: PATH, then nvidia-pytriton)")
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -169,6 +196,12 @@ examples:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pipeline.log import setup_logging
 
+    if args.backend == "triton":
+        return cmd_serve_triton(args)
+    if args.repository or args.load_model or args.cpu_only or args.tritonserver:
+        print("error: --repository, --load-model, --cpu-only and --tritonserver need --backend triton",
+              file=sys.stderr)
+        return 2
     if not args.config:
         print("error: --config SERVE_YAML is required", file=sys.stderr)
         return 2
@@ -234,6 +267,97 @@ def cmd_serve(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1)
+
+
+def cmd_serve_triton(args: argparse.Namespace) -> int:
+    """``mmpipe serve --backend triton``: tritonserver in the foreground until
+    SIGTERM/SIGINT.  Exit codes: 0 after a clean stop, 2 for a missing
+    repository, binary or model, 1 when the server fails to start or dies."""
+    import shutil
+    import tempfile
+
+    from deploy.triton import server as ts
+
+    wrong = [o for o, v in (("--config", args.config), ("--address", args.address), ("--port", args.port),
+                            ("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus)) if v is not None]
+    if wrong:
+        print(f"error: {', '.join(wrong)}: only for --backend ray (triton: --http-port/--grpc-port/"
+              "--metrics-port)", file=sys.stderr)
+        return 2
+    if not args.repository:
+        print("error: --backend triton needs --repository DIR (a model repository from mmpipe triton-repo)",
+              file=sys.stderr)
+        return 2
+    repo = Path(args.repository)
+    if not repo.is_dir():
+        print(f"error: Triton model repository not found: {repo} (write one with mmpipe triton-repo "
+              "--package PKG --out DIR)", file=sys.stderr)
+        return 2
+    available = ts.repository_model_names(repo)
+    if args.load_model:
+        missing = [m for m in args.load_model if m not in available]
+        if missing:
+            print(f"error: not in {repo}: {', '.join(missing)} (it has: {', '.join(available) or 'no models'})",
+                  file=sys.stderr)
+            return 2
+        models = list(dict.fromkeys(args.load_model))
+    else:
+        models = ts.repository_model_names(repo, cpu_only=args.cpu_only)
+        if not models:
+            what = "python-backend (*_cpu, *_preprocess, *_ensemble_cpu) models" if args.cpu_only else "models"
+            print(f"error: no {what} in {repo} (directories with a config.pbtxt)", file=sys.stderr)
+            return 2
+
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    work = Path(tempfile.mkdtemp(prefix="mmpipe-tritonserver-"))
+    server = None
+    try:
+        try:
+            install = ts.find_server(work, args.tritonserver)
+        except ts.TritonUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except RuntimeError as exc:  # the wheel lacks this Python's stub, no shared libpython, ...
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        host = args.host or "127.0.0.1"
+        print(f"starting {install.binary} ({install.source}) on {repo.resolve()}: {', '.join(models)}", flush=True)
+        server = ts.launch(install, repo, models, cwd=work, host=host, http_port=args.http_port,
+                           grpc_port=args.grpc_port, metrics_port=args.metrics_port)
+        if not server.wait_ready(args.timeout, stop=stop.is_set):
+            if stop.is_set():
+                print("stopping before the models were ready", flush=True)
+                return 0
+            if not server.alive():
+                print(f"error: tritonserver exited with status {server.proc.returncode} before the models "
+                      "were ready (its log is above)", file=sys.stderr)
+            else:
+                print(f"error: models not ready after {args.timeout:.0f}s: {', '.join(models)}", file=sys.stderr)
+            return 1
+        shown = "0.0.0.0 (all interfaces)" if host == "0.0.0.0" else host
+        print(f"serving on {shown}: HTTP :{args.http_port}  gRPC :{args.grpc_port}  "
+              f"metrics :{args.metrics_port}/metrics", flush=True)
+        print("ready; SIGTERM or Ctrl-C stops", flush=True)
+        while not stop.wait(1.0):
+            if not server.alive():
+                print(f"error: tritonserver exited unexpectedly with status {server.proc.returncode}",
+                      file=sys.stderr)
+                return 1
+        print("stopping", flush=True)
+        return 0
+    finally:
+        if server is not None:
+            server.stop()
+            if server.group_alive():
+                print("warning: processes of tritonserver's group survived SIGKILL", file=sys.stderr)
+        for s, h in previous.items():
+            signal.signal(s, h)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _shutdown(local: bool, names: list[str], timeout_s: float = SHUTDOWN_TIMEOUT_S) -> bool:
