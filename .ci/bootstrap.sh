@@ -36,3 +36,13 @@ if ! "$venv/bin/python" -m pip install -q --no-deps -e "$repo" >"$log" 2>&1; the
   cat "$log" >&2; rm -f "$log"; exit 1
 fi
 rm -f "$log"
+
+# The Serve integration test scrapes /metrics with a real Prometheus
+# (Debian's package; only its binary is used).  Best effort: without it the
+# test installs it itself or skips, saying why.
+if [ "$target" = test ] && ! command -v prometheus >/dev/null 2>&1 && [ ! -x /usr/bin/prometheus ] \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "bootstrap: installing prometheus (apt-get)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } \
+    >/dev/null 2>&1 || echo "bootstrap: could not install prometheus; the Serve metrics test will report it" >&2
+fi

@@ -13,7 +13,8 @@ Checked: tritonclient.http (binary and JSON), plain HTTP and the
 TritonEngine give the local Predictor's labels and scores; the records
 ensemble and the friendly API (JSON and multipart) likewise, with a reason
 code per broken record; every error status; readiness of a broken replica;
-/metrics with the shared metric set, and dynamic batching merging
+/metrics with the shared metric set, scraped by a real Prometheus whose
+PromQL count matches the requests sent, and dynamic batching merging
 concurrent requests; no record content in any log; SIGTERM shuts it all
 down.  No wall-clock assertions.
 """
@@ -49,6 +50,7 @@ from pipeline.package import ModelPackage, load_package
 from pipeline.postprocess import head_result
 from pipeline.predictor import Predictor
 from pipeline.records import Result
+from tests.integration.prometheus import PrometheusServer, prometheus_binary
 
 pytest.importorskip("ray.serve", reason="Serve tests need ray[serve]")
 pytest.importorskip("onnxruntime")
@@ -552,6 +554,71 @@ def test_metrics_endpoint(server) -> None:
     assert re.search(r'^mmpipe_record_errors_total{[^}]*reason="uri_not_allowed"', text, re.M)
     assert re.search(r'^mmpipe_stage_seconds_count{[^}]*stage="queue"', text, re.M)
     assert 'replica="retail-fusion#' in text
+
+
+def _ok_records(text: str, workload: str) -> float:
+    """sum(mmpipe_records_total{path="online", workload=W, outcome="ok"}) over replicas, from /metrics text."""
+    total = 0.0
+    for line in text.splitlines():
+        if (line.startswith("mmpipe_records_total{") and 'path="online"' in line
+                and f'workload="{workload}"' in line and 'outcome="ok"' in line):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture(scope="module")
+def prometheus_bin() -> str:
+    """Debian's prometheus binary, installed when missing if we are root with apt-get."""
+    binary, why = prometheus_binary()
+    if binary is None:
+        pytest.skip(why)
+    return binary
+
+
+def test_prometheus_scrapes_the_request_count(server, prometheus_bin, records) -> None:
+    """A real Prometheus scrapes /metrics every second; PromQL gives the count this test sent."""
+    workload, n = "medical", 7
+    promql = f'sum(mmpipe_records_total{{path="online", workload="{workload}", outcome="ok"}})'
+    # Earlier tests' records are still being pushed by the replica: wait until /metrics is steady.
+    before, steady = -1.0, 0
+    for _ in range(60):
+        now = _ok_records(scrape(server), workload)
+        steady = steady + 1 if now == before else 0
+        before = now
+        if steady >= 3:
+            break
+        time.sleep(0.5)
+    prom = PrometheusServer(prometheus_bin, server.hostport)
+    prom.start()
+    try:
+        def prom_value() -> float | None:
+            result = prom.query(promql)
+            return float(result[0]["value"][1]) if result else None
+
+        def wait_for(want: float) -> float | None:
+            got = None
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                got = prom_value()
+                if got == want or (want == 0 and got is None):
+                    return want
+                time.sleep(0.5)
+            return got
+
+        seen = wait_for(before)
+        assert seen == before, (f"prometheus never saw the starting count {before} (last {seen}); "
+                                f"targets: {prom.targets()}\n{prom.log}")
+        for rec in records[workload][1 : 1 + n]:
+            single = {k: v for k, v in jsonable(rec).items() if k != "workload"}
+            r = requests.post(f"{server.url}/v1/{workload}/predict", json=single, timeout=60)
+            assert r.status_code == 200 and "error" not in r.json(), r.text
+        seen = wait_for(before + n)
+        assert seen == before + n, (f"{promql} = {seen}, expected {before} + {n}; /metrics says "
+                                    f"{_ok_records(scrape(server), workload)}; targets: {prom.targets()}")
+        up = prom.query(f'up{{job="{prom.job}"}}')
+        assert [float(u["value"][1]) for u in up] == [1.0]
+    finally:
+        prom.stop()
 
 
 # -- privacy and shutdown (keep last) ---------------------------------------------------------------------------
