@@ -55,6 +55,41 @@ class Metrics:
             "model_info", "Loaded model (value is always 1).",
             [*BASE, "version", "engine", "provider"], namespace=NAMESPACE, registry=registry,
         )
+        # Stream (Kafka) path.  Records in/out/error use ``records`` and
+        # ``record_errors`` with path="stream"; these are what only a stream has.
+        self.dlq_records = Counter(
+            "dlq_records", "Records sent to the dead-letter topic, by reason code.",
+            [*BASE, "reason"], namespace=NAMESPACE, registry=registry,
+        )
+        self.end_to_end_seconds = Histogram(
+            "end_to_end_seconds", "From the input record's timestamp to its result being acknowledged.",
+            BASE, namespace=NAMESPACE, registry=registry, buckets=_LATENCY_BUCKETS,
+        )
+        self.commit_failures = Counter(
+            "commit_failures", "Offset commits (or transactions) that failed.",
+            BASE, namespace=NAMESPACE, registry=registry,
+        )
+        self.rebalances = Counter(
+            "rebalances", "Consumer-group rebalances seen by this member, by kind (assigned or revoked).",
+            [*BASE, "kind"], namespace=NAMESPACE, registry=registry,
+        )
+        self.paused_partitions = Gauge(
+            "paused_partitions", "Partitions paused for backpressure.",
+            BASE, namespace=NAMESPACE, registry=registry,
+        )
+        # Batch (Ray Data) path: what a Pushgateway receives at the end of a run.
+        self.job_last_success = Gauge(
+            "job_last_success_timestamp_seconds", "Unix time the batch job last finished successfully.",
+            ["workload", "job"], namespace=NAMESPACE, registry=registry,
+        )
+        self.job_duration = Gauge(
+            "job_duration_seconds", "Wall time of the last batch job run.",
+            ["workload", "job"], namespace=NAMESPACE, registry=registry,
+        )
+        self.job_records = Gauge(
+            "job_records", "Records of the last batch job run, by outcome (in, ok, error).",
+            ["workload", "job", "outcome"], namespace=NAMESPACE, registry=registry,
+        )
 
 
 _lock = threading.Lock()
