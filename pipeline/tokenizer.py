@@ -9,6 +9,7 @@ vocabulary on the training corpus; the MiniLM option reuses its own.
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,6 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
-from tokenizers.trainers import WordPieceTrainer
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TOKENIZER_FILE = "tokenizer.json"
@@ -34,12 +34,28 @@ class Encoded:
 
 
 def train_wordpiece(corpus: Iterable[str], vocab_size: int = 2000, lowercase: bool = True) -> Tokenizer:
-    """Train a BERT-style WordPiece tokenizer on ``corpus``."""
+    """Build a BERT-style WordPiece tokenizer for ``corpus``, deterministically.
+
+    The vocabulary is every character seen (as a word start and as a
+    ``##`` continuation, so any text seen in training tokenizes without
+    [UNK]) plus the most frequent whole words, ties broken alphabetically.
+    ``tokenizers``' own trainer is not used because it breaks frequency ties
+    in hash-map order, which changes from process to process: the same
+    corpus and seed must always give the same token ids, and so the same
+    trained model."""
     tok = Tokenizer(WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, clean_text=True, strip_accents=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, min_frequency=1)
-    tok.train_from_iterator(corpus, trainer=trainer)
+    words: Counter[str] = Counter()
+    for text in corpus:
+        norm = tok.normalizer.normalize_str(text)
+        words.update(w for w, _span in tok.pre_tokenizer.pre_tokenize_str(norm))
+    chars = sorted({c for w in words for c in w})
+    base = [*SPECIAL, *chars, *(f"##{c}" for c in chars)]
+    taken = set(base)
+    ranked = sorted((w for w in words if w not in taken), key=lambda w: (-words[w], w))
+    vocab_list = base + ranked[: max(0, vocab_size - len(base))]
+    tok.model = WordPiece(vocab={t: i for i, t in enumerate(vocab_list)}, unk_token="[UNK]")
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]

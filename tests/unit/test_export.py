@@ -74,7 +74,10 @@ def test_export_parity_every_fusion_and_head(tmp_path: Path, fusion: str) -> Non
 def exported(tiny_packages: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     dst = tmp_path_factory.mktemp("exp") / "retail"
     shutil.copytree(tiny_packages["retail"], dst)
-    export_package(dst, ("fp32", "int8"))
+    # fp32 only: a model trained for three steps has near-tied scores, so
+    # int8's label agreement on it says nothing (int8 is covered above, on
+    # models trained long enough to have decisions).
+    export_package(dst, ("fp32",))
     return dst
 
 
@@ -145,7 +148,7 @@ def test_onnx_engine_reports_provider_and_falls_back(exported: Path, caplog) -> 
 
     pkg = load_package(exported)
     with caplog.at_level(logging.INFO):
-        eng = create_engine(pkg, EngineConfig(kind="onnxruntime", device="auto", variant="int8"))
+        eng = create_engine(pkg, EngineConfig(kind="onnxruntime", device="auto", variant="fp32"))
     assert eng.provider == "CPUExecutionProvider"
     events = [r.getMessage() for r in caplog.records]
     assert "provider_unavailable_falling_back" in events
