@@ -304,6 +304,9 @@ sample records, both with label agreement >= 99%.""",
     from deploy.serve.cli import add_parser as add_serve
 
     add_serve(sub)
+    from pipeline.verify import add_parser as add_verify
+
+    add_verify(sub)
 
     r = sub.add_parser(
         "predict", formatter_class=_FMT, help="JSONL records in, JSONL results out",
