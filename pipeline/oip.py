@@ -159,6 +159,10 @@ def deserialize_bytes(data: bytes | memoryview, count: int, name: str = "tensor"
     """Inverse of :func:`serialize_bytes`; exactly ``count`` elements must
     fill ``data`` exactly."""
     view = memoryview(data)
+    if count * 4 > len(view):
+        # Every element carries a 4-byte length: refuse before allocating
+        # an array the data could never fill.
+        raise OipError(f"input {name!r}: {len(view)} bytes cannot hold {count} BYTES elements")
     out = np.empty(count, dtype=object)
     pos = 0
     for i in range(count):

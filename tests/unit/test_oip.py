@@ -96,7 +96,9 @@ def test_bytes_serialization() -> None:
     assert raw == struct.pack("<I", 1) + b"a" + struct.pack("<I", 2) + "\u00e9".encode() + struct.pack("<I", 0)
     assert oip.deserialize_bytes(raw, 3).tolist() == [b"a", "\u00e9".encode(), b""]
     with pytest.raises(OipError, match="ends after 2 of 3"):
-        oip.deserialize_bytes(raw[:-4], 3)
+        oip.deserialize_bytes(raw[:-4] + b"zz", 3)
+    with pytest.raises(OipError, match="cannot hold 1000000000 BYTES elements"):
+        oip.deserialize_bytes(raw, 10**9)  # refused before allocating
     with pytest.raises(OipError, match="past the end"):
         oip.deserialize_bytes(struct.pack("<I", 10) + b"abc", 1)
     with pytest.raises(OipError, match="left over"):
