@@ -185,6 +185,10 @@ def _shape(name: str, raw: Any) -> tuple[int, ...]:
         raise OipError(f"input {name!r}: 'shape' must be a list of integers")
     if any(d < 0 for d in raw):
         raise OipError(f"input {name!r}: shape {raw} has a negative dimension")
+    # numpy cannot describe an array whose non-zero dimensions multiply past
+    # its index type, even an empty one; no real request comes near this.
+    if math.prod(max(d, 1) for d in raw) > 2**40:
+        raise OipError(f"input {name!r}: shape {raw} is too large")
     return tuple(raw)
 
 
