@@ -17,10 +17,14 @@ A variant whose parity check fails is not written; the command fails.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,7 +52,7 @@ def sample_prepared(pkg: ModelPackage, records: list | None, n: int = 96, seed: 
     """Decoded sample records for parity and calibration: the caller's, or
     generated ones for the built-in workloads (a third with modalities
     missing)."""
-    pre = Preprocessor(pkg.spec, pkg.text_encoder())
+    pre = Preprocessor.for_package(pkg)
     if records is None:
         from pipeline import sample_data
         from pipeline.spec import BUILTIN_WORKLOADS
@@ -71,26 +75,67 @@ def sample_prepared(pkg: ModelPackage, records: list | None, n: int = 96, seed: 
 
 
 # -- export steps ------------------------------------------------------------------------
-def _dynamic_axes(input_names: list[str], outputs: list[dict]) -> dict[str, dict[int, str]]:
-    axes: dict[str, dict[int, str]] = {}
-    for n in input_names:
-        axes[n] = {0: "batch", 1: "sequence"} if n in ("input_ids", "attention_mask") else {0: "batch"}
-    for o in outputs:
-        axes[o["name"]] = {i: d for i, d in enumerate(o["shape"]) if isinstance(d, str)}
-    return axes
+def _dynamic_axes(inputs: list[dict], outputs: list[dict]) -> dict[str, dict[int, str]]:
+    """Every symbolic dim of the signature (``batch``, ``sequence``...) is dynamic."""
+    return {t["name"]: {i: d for i, d in enumerate(t["shape"]) if isinstance(d, str)} for t in [*inputs, *outputs]}
 
 
-def export_fp32(model, example: dict[str, np.ndarray], out: Path, outputs: list[dict]) -> None:
+@contextlib.contextmanager
+def _quiet_fds() -> Iterator[None]:
+    """Silence C-level stdout/stderr around the TorchScript exporter: it
+    prints whole graphs when it fails (the ExportError says what matters)
+    and tracer warnings when it succeeds."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def unsupported_op(exc: BaseException) -> str | None:
+    """The operator named by a TorchScript exporter error, if it names one."""
+    import re
+
+    m = re.search(r"operator '?([A-Za-z_]+::[A-Za-z0-9_.]+)'?", str(exc))
+    return m.group(1) if m else None
+
+
+def export_fp32(model, example: dict[str, np.ndarray], out: Path, outputs: list[dict],
+                inputs: list[dict] | None = None) -> None:
+    """``inputs``/``outputs``: the signature entries (their symbolic dims
+    become dynamic axes); ``inputs`` defaults to the fusion family's."""
     import torch
 
+    if inputs is None:
+        inputs = [{"name": n, "shape": ["batch", "sequence"] if n in ("input_ids", "attention_mask") else ["batch"]}
+                  for n in model.input_names]
     args = tuple(torch.from_numpy(example[n]) for n in model.input_names)
+    model.eval()  # the exporter restores the module's mode afterwards: it must already be eval
     try:
-        torch.onnx.export(
-            model, args, str(out), input_names=model.input_names, output_names=model.output_names,
-            dynamic_axes=_dynamic_axes(model.input_names, outputs), opset_version=OPSET,
-            do_constant_folding=True, dynamo=False,
-        )
+        with _quiet_fds():
+            torch.onnx.export(
+                model, args, str(out), input_names=model.input_names, output_names=model.output_names,
+                dynamic_axes=_dynamic_axes(inputs, outputs), opset_version=OPSET,
+                do_constant_folding=True, dynamo=False,
+            )
     except Exception as exc:
+        op = unsupported_op(exc)
+        if op is not None:
+            raise ExportError(
+                f"the ONNX exporter cannot handle operator {op} at opset {OPSET} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); rewrite that step of the model "
+                "with operators ONNX supports, or compute it outside the model"
+            ) from exc
         raise ExportError(f"torch.onnx.export failed at opset {OPSET}: {type(exc).__name__}: {exc}") from exc
     import onnx
 
@@ -166,16 +211,29 @@ def check_parity(
     tol = parity.TOLERANCES[precision]
     engine = OnnxRuntimeEngine(onnx_path, device="cpu" if providers is None else "auto", providers=providers,
                                graph_optimization="all")
-    pre = Preprocessor(pkg.spec, pkg.text_encoder())
+    pre = Preprocessor.for_package(pkg)
     sig = pkg.manifest.signature.model_dump()
+    for t, spec in zip(sig["inputs"], pkg.manifest.signature.inputs, strict=True):
+        t["feature"] = spec.feature_name()
     text = pkg.spec.preprocessing.text
     vocab = pkg.text_encoder().vocab_size if text else 0
     max_len = text.max_length if text else 1
     rng = np.random.default_rng(seed)
+    by_head = pkg.manifest.signature.head_outputs()
+    mask_name = pre.input_name("text.attention_mask") if text else None
+
+    def heads(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {h: out[o] for h, o in by_head.items()}
 
     def ref_run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            return {k: v.numpy() for k, v in model.run(feeds).items()}
+            return heads({k: v.numpy() for k, v in model.run(feeds).items()})
+
+    def onnx_run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return heads(engine.run(feeds))
+
+    def token_mask(feeds: dict[str, np.ndarray]) -> np.ndarray | None:
+        return feeds.get(mask_name) if mask_name else None
 
     worst: dict[str, dict[str, float]] = {}
     cases = 0
@@ -183,7 +241,7 @@ def check_parity(
     for b in batch_sizes:
         for s in seqs if text else [1]:
             feeds = parity.random_feeds(sig, b, s, vocab, len(pkg.spec.modalities), rng)
-            diffs, _, _ = parity.compare(pkg.spec, ref_run(feeds), engine.run(feeds), feeds.get("attention_mask"))
+            diffs, _, _ = parity.compare(pkg.spec, ref_run(feeds), onnx_run(feeds), token_mask(feeds))
             parity.merge_max(worst, diffs)
             cases += 1
     agree = total = 0
@@ -192,7 +250,7 @@ def check_parity(
         for start in range(0, len(samples), b * 4):
             chunk = samples[start : start + b]
             feeds = pre.collate(chunk)
-            diffs, a, t = parity.compare(pkg.spec, ref_run(feeds), engine.run(feeds), feeds.get("attention_mask"))
+            diffs, a, t = parity.compare(pkg.spec, ref_run(feeds), onnx_run(feeds), token_mask(feeds))
             parity.merge_max(sample_worst, diffs)
             parity.merge_max(worst, diffs)
             agree, total, cases = agree + a, total + t, cases + 1
@@ -248,29 +306,36 @@ def export_package(
     static_int8: bool = False,
     sample_records: list | None = None,
     gpu_providers: list[str] | None = None,
+    model: Any = None,
 ) -> tuple[ModelPackage, dict[str, Any]]:
     """Export ONNX variants into a package; every variant passes parity or
     the export fails and the package is left as it was.  fp32 is always
-    exported: the other variants are derived from it."""
-    from pipeline.engines.torch_engine import load_model
+    exported: the other variants are derived from it.
 
+    ``model``: the PyTorch reference to export (``input_names``,
+    ``output_names``, ``run(feeds)``, forward taking the inputs in order), for
+    a model brought from elsewhere; default: the package's own weights."""
     pkg = load_package(package_dir)
     unknown = set(variants) - set(VARIANT_FILES)
     if unknown:
         raise ExportError(f"unknown variants {sorted(unknown)}; choose from {sorted(VARIANT_FILES)}")
-    if "torch" not in pkg.manifest.variants:
-        raise PackageError(f"package {pkg.name} has no PyTorch weights to export from")
-    model = load_model(pkg.path("model/model.safetensors").parent)
+    if model is None:
+        from pipeline.engines.torch_engine import load_model
+
+        if "torch" not in pkg.manifest.variants:
+            raise PackageError(f"package {pkg.name} has no PyTorch weights to export from")
+        model = load_model(pkg.path("model/model.safetensors").parent)
     samples = sample_prepared(pkg, sample_records)
-    pre = Preprocessor(pkg.spec, pkg.text_encoder())
+    pre = Preprocessor.for_package(pkg)
     outputs = [o.model_dump() for o in pkg.manifest.signature.outputs]
+    inputs = [i.model_dump() for i in pkg.manifest.signature.inputs]
     report: dict[str, Any] = {"checked_at": datetime.now(UTC).isoformat(timespec="seconds"),
                               "opset": OPSET, "variants": {}}
     work = Path(tempfile.mkdtemp(prefix="mmpipe-export-"))
     try:
         raw = work / "raw.onnx"
         t0 = time.perf_counter()
-        export_fp32(model, pre.collate(samples[:2]), raw, outputs)
+        export_fp32(model, pre.collate(samples[:2]), raw, outputs, inputs)
         fp32 = work / "model.onnx"
         optimize_offline(raw, fp32)
         log_event(logger, logging.INFO, "onnx_exported", seconds=round(time.perf_counter() - t0, 2), opset=OPSET)

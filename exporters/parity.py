@@ -60,18 +60,22 @@ def random_feeds(signature: dict, batch: int, seq: int, vocab: int, modalities: 
     feeds: dict[str, np.ndarray] = {}
     for spec in signature["inputs"]:
         name = spec["name"]
+        feature = spec.get("feature") or name  # format 1 signatures: the name says it
+        dtype = np.dtype(spec.get("dtype", "float32"))
         shape = [batch if d == "batch" else seq if d == "sequence" else int(d) for d in spec["shape"]]
-        if name == "input_ids":
-            feeds[name] = rng.integers(5, max(6, vocab), size=shape, dtype=np.int64)
-        elif name == "attention_mask":
+        if feature in ("input_ids", "text.input_ids"):
+            feeds[name] = rng.integers(5, max(6, vocab), size=shape).astype(dtype)
+        elif feature in ("attention_mask", "text.attention_mask"):
             lengths = rng.integers(2, seq + 1, size=batch) if seq >= 2 else np.ones(batch, dtype=int)
-            feeds[name] = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
-        elif name == "presence":
+            feeds[name] = (np.arange(seq)[None, :] < lengths[:, None]).astype(dtype)
+        elif feature in ("token_type_ids", "text.token_type_ids"):
+            feeds[name] = np.zeros(shape, dtype=dtype)
+        elif feature == "presence":
             pres = (rng.random((batch, modalities)) < 0.7).astype(np.float32)
             pres[np.arange(batch), rng.integers(0, modalities, size=batch)] = 1.0
-            feeds[name] = pres
+            feeds[name] = pres.astype(dtype)
         else:
-            feeds[name] = rng.normal(size=shape).astype(np.float32)
+            feeds[name] = rng.normal(size=shape).astype(dtype)
     return feeds
 
 

@@ -92,13 +92,42 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # -- package ----------------------------------------------------------------------------
 def cmd_package(args: argparse.Namespace) -> int:
-    from exporters.package import build_package
+    if args.trained:
+        from exporters.package import build_package
 
-    pkg = build_package(args.trained, args.out, name=args.name, version=args.version, overwrite=args.overwrite)
+        pkg = build_package(args.trained, args.out, name=args.name, version=args.version, overwrite=args.overwrite)
+    else:
+        from exporters.onnx_export import ExportError
+
+        try:
+            pkg = _package_byo(args)
+        except ExportError as exc:
+            print(f"error: export refused: {exc}", file=sys.stderr)
+            return 3
     m = pkg.manifest
     print(f"package {m.name} v{m.version} ({m.workload.name}) written to {pkg.root}")
     print(f"  variants: {', '.join(m.variants)}; files: {len(m.files)} (sha256 verified)")
     return 0
+
+
+def _package_byo(args: argparse.Namespace):  # -> ModelPackage
+    """A model brought from elsewhere (exporters/byo.py): module, HF dir or ONNX file."""
+    from exporters import byo
+
+    if not args.signature:
+        raise ConfigError("--module, --hf-dir and --onnx need --signature S.yaml (see `mmpipe package --help`)")
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    common = {"name": args.name, "version": args.version, "overwrite": args.overwrite}
+    if args.module:
+        if not args.weights:
+            raise ConfigError("--module needs --weights W.safetensors (the module's state dict)")
+        return byo.package_module(args.module, args.signature, args.out, weights=args.weights,
+                                  init_args=byo.parse_init_args(args.init_args), samples=args.samples,
+                                  variants=variants, search_path=args.module_path or (), **common)
+    if args.hf_dir:
+        return byo.package_hf(args.hf_dir, args.signature, args.out, samples=args.samples, variants=variants,
+                              **common)
+    return byo.package_onnx(args.onnx, args.signature, args.out, **common)
 
 
 # -- export -------------------------------------------------------------------------------
@@ -257,13 +286,74 @@ examples:
     t.set_defaults(func=cmd_train)
 
     k = sub.add_parser(
-        "package", formatter_class=_FMT, help="turn a trained model into a model package",
+        "package", formatter_class=_FMT, help="turn a trained model (mmpipe's or your own) into a model package",
         description="Build a model package (manifest.json with signature, labels, thresholds,\n"
-        "preprocessing and a sha256 per file) from a trained model directory.  The package is\n"
-        "written atomically and verified after writing.",
-        epilog="example:\n  mmpipe package --trained models/retail --out packages/retail --version 2026.11.1",
+        "preprocessing and a sha256 per file) from a trained model directory, or bring your own\n"
+        "model: a PyTorch module of yours (--module), a Hugging Face checkpoint directory\n"
+        "(--hf-dir) or an ONNX file exported elsewhere (--onnx), each with a signature file\n"
+        "(--signature) naming every input (modality, dtype, shape, preprocessing) and output\n"
+        "(head type, labels, thresholds).  Modules and checkpoints are exported to ONNX with a\n"
+        "parity check against your PyTorch model (exit 3 when it fails); ONNX files are checked\n"
+        "against the signature.  The package is written atomically and verified after writing.",
+        epilog="""\
+examples:
+  # a model trained with `mmpipe train`
+  mmpipe package --trained models/retail --out packages/retail --version 2026.11.1
+
+  # 1. your own PyTorch module: import path, constructor arguments, safetensors weights
+  mmpipe package --module shop_model:ShopTagger --module-path examples/byo \\
+      --init-args @byo-work/init_args.json --weights byo-work/weights.safetensors \\
+      --signature byo-work/signature.yaml --samples byo-work/records.jsonl --out packages/shop
+  mmpipe package --module mypkg.models:build_tagger --init-args '{"width": 128}' \\
+      --weights tagger.safetensors --signature tagger.yaml --samples recs.jsonl \\
+      --variants fp32,int8 --out packages/tagger
+
+  # 2. a Hugging Face checkpoint directory (local files only; class from its config.json)
+  mmpipe package --hf-dir checkpoints/clip-shop --signature clip-shop.yaml \\
+      --samples recs.jsonl --out packages/clip-shop
+
+  # 3. an ONNX file exported elsewhere
+  mmpipe package --onnx exported/tagger.onnx --signature tagger.yaml --out packages/tagger
+
+signature file (YAML; paths relative to it):
+  workload: shop                # the records' "workload" field
+  name: shop-tagger             # package name (default WORKLOAD-model)
+  inputs:                       # the model's own tensor names
+    - {name: token_ids, modality: text, feature: input_ids, dtype: int64, shape: [batch, sequence],
+       preprocessing: {tokenizer: tokenizer, max_length: 32}}
+    - {name: token_mask, modality: text, feature: attention_mask, dtype: int64,
+       shape: [batch, sequence]}
+    - {name: image, modality: image, dtype: float32, shape: [batch, 3, 64, 64],
+       preprocessing: {mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}}
+  outputs:
+    - {name: category, type: multiclass, labels: [apparel, electronics, grocery], top_k: 2}
+    - {name: attributes, type: multilabel, labels: [red, blue, on_sale], threshold: 0.5}
+
+  modality: text (feature input_ids | attention_mask | token_type_ids), image, audio
+  (log-mel; preprocessing sample_rate, max_seconds, n_mels), tabular (fields, mean, std),
+  presence ([batch, modalities] mask of what each record has).  Hugging Face dual encoders
+  (CLIP-style) score records against label prompts: an output with prompts: [...], one per
+  label.  Other HF classes: the output field named by from: (default logits).
+
+your module's forward takes the inputs as keyword arguments and returns a tensor, a tuple
+in output order, or a dict by output name.  The current directory is importable; add
+others with --module-path.""",
     )
-    k.add_argument("--trained", required=True, help="directory written by `mmpipe train`")
+    src = k.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trained", help="directory written by `mmpipe train`")
+    src.add_argument("--module", metavar="PKG.MOD:NAME",
+                     help="your nn.Module class, or a function returning one")
+    src.add_argument("--hf-dir", metavar="DIR", help="a Hugging Face checkpoint directory (save_pretrained)")
+    src.add_argument("--onnx", metavar="FILE", help="an ONNX model exported elsewhere")
+    k.add_argument("--signature", metavar="S.yaml", help="inputs and outputs of --module/--hf-dir/--onnx")
+    k.add_argument("--init-args", metavar="JSON|@FILE", help="--module: constructor keyword arguments")
+    k.add_argument("--weights", metavar="W.safetensors", help="--module: the state dict")
+    k.add_argument("--module-path", metavar="DIR", action="append",
+                   help="--module: a directory to import from (repeatable; the current one always is)")
+    k.add_argument("--samples", metavar="JSONL",
+                   help="--module/--hf-dir: records of the signature's workload for the parity check (>= 8)")
+    k.add_argument("--variants", default="fp32",
+                   help="--module/--hf-dir: ONNX variants, subset of fp32,fp16,int8 (default fp32)")
     k.add_argument("--out", required=True, help="package directory to create")
     k.add_argument("--name", help="model name (default: WORKLOAD-fusion)")
     k.add_argument("--version", default="1", help="model version string (default 1)")

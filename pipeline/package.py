@@ -29,20 +29,54 @@ from pipeline.spec import WorkloadSpec
 from pipeline.tokenizer import TextEncoder
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""1: mmpipe's own fusion family.  2: adds ``source`` and the signature's
+``feature``/``head`` mapping (models brought from elsewhere); format 1
+manifests load unchanged."""
 _CHUNK = 1 << 20
 
 
+# What the Preprocessor computes, by feature; the inputs of mmpipe's own
+# fusion family carry these names, so their manifests need no ``feature``.
+FEATURES: dict[str, str] = {
+    "text.input_ids": "input_ids",
+    "text.attention_mask": "attention_mask",
+    "text.token_type_ids": "token_type_ids",
+    "image.pixel_values": "pixel_values",
+    "audio.log_mel": "audio_features",
+    "tabular.values": "tabular",
+    "presence": "presence",
+}
+_FEATURE_OF_NAME = {v: k for k, v in FEATURES.items()}
+
+
 class TensorSpec(BaseModel):
+    """One input or output of the model graph.
+
+    ``feature`` (inputs) says which Preprocessor feature feeds the input and
+    ``head`` (outputs) which workload head reads the output, so a model
+    brought from elsewhere keeps its own tensor names.  Both default to
+    mmpipe's own names (format 1 manifests have neither)."""
+
     model_config = ConfigDict(extra="allow")
     name: str
     dtype: str
     shape: list[int | str]
+    feature: str | None = None
+    head: str | None = None
+
+    def feature_name(self) -> str | None:
+        """The Preprocessor feature this input takes (None: unknown)."""
+        return self.feature or _FEATURE_OF_NAME.get(self.name)
 
 
 class Signature(BaseModel):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+
+    def head_outputs(self) -> dict[str, str]:
+        """Head name -> graph output name."""
+        return {o.head or o.name: o.name for o in self.outputs}
 
 
 class Variant(BaseModel):
@@ -67,6 +101,8 @@ class Manifest(BaseModel):
     files: dict[str, str] = Field(description="relative path -> sha256")
     training: dict[str, Any] = Field(default_factory=dict)
     parity: dict[str, Any] | None = None
+    source: dict[str, Any] | None = Field(
+        None, description="where a brought model came from (kind: module | hf | onnx, and its origin)")
 
 
 def sha256_file(path: Path) -> str:

@@ -54,7 +54,7 @@ class Predictor:
     def __init__(
         self,
         package: ModelPackage,
-        engine: Engine,
+        engine: Engine | None,
         *,
         limits: Limits | None = None,
         media: MediaConfig | None = None,
@@ -67,9 +67,14 @@ class Predictor:
         self.engine = engine
         self.batch_size = batch_size
         self.path = path
-        self.pre = Preprocessor(self.spec, package.text_encoder(), limits, media)
+        self.pre = Preprocessor.for_package(package, limits, media)
+        self._outputs = package.manifest.signature.head_outputs()
         self.metrics = metrics or get_metrics()
         self._labels = {"path": path, "workload": self.spec.name, "model": package.name}
+        if engine is None:
+            # Decode-only: ``prepare`` without a model loaded (the batch job's
+            # CPU decode tasks); ``infer`` refuses.
+            return
         self.metrics.model_info.labels(
             **self._labels, version=package.version, engine=engine.name, provider=engine.provider
         ).set(1)
@@ -101,8 +106,8 @@ class Predictor:
         )
         return Result(
             id=record_id or "", workload=self.spec.name, model=self.package.name,
-            model_version=self.package.version, engine=self.engine.name, provider=self.engine.provider,
-            error=ErrorInfo(code=code.value, message=message),
+            model_version=self.package.version, engine=self.engine.name if self.engine else None,
+            provider=self.engine.provider if self.engine else None, error=ErrorInfo(code=code.value, message=message),
         )
 
     # -- the two halves ----------------------------------------------------------
@@ -120,12 +125,15 @@ class Predictor:
 
     def infer(self, prepared: Sequence[Prepared]) -> list[Result]:
         """Run prepared records through the engine in chunks of ``batch_size``."""
+        if self.engine is None:
+            raise RuntimeError("this Predictor was built without an engine (decode only)")
         results: list[Result] = []
         for start in range(0, len(prepared), self.batch_size):
             results.extend(self._infer_chunk(list(prepared[start : start + self.batch_size])))
         return results
 
     def _run_engine(self, chunk: list[Prepared]) -> dict[str, np.ndarray]:
+        assert self.engine is not None  # infer() refuses a decode-only Predictor
         feeds = self.pre.collate(chunk)
         return self.engine.run(feeds)
 
@@ -150,7 +158,8 @@ class Predictor:
         results = []
         for i, p in enumerate(chunk):
             heads = {
-                h.name: head_result(h, outputs[h.name][i], p.offsets if h.type == "token" else None)
+                h.name: head_result(h, outputs[self._outputs.get(h.name, h.name)][i],
+                                    p.offsets if h.type == "token" else None)
                 for h in self.spec.heads
             }
             results.append(
@@ -191,4 +200,5 @@ class Predictor:
         return [s for s in slots if s is not None]
 
     def close(self) -> None:
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()

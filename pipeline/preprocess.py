@@ -8,8 +8,9 @@ one record and raises :class:`RecordError`; ``collate`` never fails.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from pipeline.errors import Reason, RecordError
 from pipeline.records import Record, parse_record, resolve_media
 from pipeline.spec import WorkloadSpec
 from pipeline.tokenizer import Encoded, TextEncoder
+
+if TYPE_CHECKING:
+    from pipeline.package import ModelPackage, TensorSpec
 
 
 @dataclass
@@ -43,7 +47,11 @@ class Preprocessor:
         text_encoder: TextEncoder | None,
         limits: Limits | None = None,
         media: MediaConfig | None = None,
+        inputs: Sequence[TensorSpec] | None = None,
     ) -> None:
+        """``inputs``: the model graph's inputs (a package signature's), when
+        they are not mmpipe's own names: ``collate`` then feeds each one the
+        feature its ``feature`` names, in its dtype, and nothing else."""
         self.spec = spec
         self.prep = spec.preprocessing
         self.text = text_encoder
@@ -52,6 +60,29 @@ class Preprocessor:
         self.modalities = spec.modalities
         if self.prep.text is not None and text_encoder is None:
             raise ValueError("workload has text preprocessing but no tokenizer was given")
+        self.inputs = list(inputs) if inputs is not None else None
+        if self.inputs is not None:
+            from pipeline.package import FEATURES
+
+            for t in self.inputs:
+                feat = t.feature_name()
+                if feat not in FEATURES:
+                    raise ValueError(f"model input {t.name!r} takes an unknown feature {feat!r}; "
+                                     f"known: {sorted(FEATURES)}")
+
+    @classmethod
+    def for_package(cls, package: ModelPackage, limits: Limits | None = None,
+                    media: MediaConfig | None = None) -> Preprocessor:
+        """The Preprocessor that feeds ``package``'s model graph."""
+        return cls(package.spec, package.text_encoder(), limits, media, inputs=package.manifest.signature.inputs)
+
+    def input_name(self, feature: str) -> str | None:
+        """Graph input fed with ``feature`` (``text.input_ids``...), if any."""
+        from pipeline.package import FEATURES
+
+        if self.inputs is None:
+            return FEATURES[feature]
+        return next((t.name for t in self.inputs if t.feature_name() == feature), None)
 
     def parse(self, raw: bytes | str | dict[str, Any] | Record) -> Record:
         rec = parse_record(raw, self.limits)
@@ -161,7 +192,24 @@ class Preprocessor:
         out["presence"] = np.array(
             [[1.0 if p.present.get(m) else 0.0 for m in self.modalities] for p in batch], dtype=np.float32
         )
-        return out
+        if self.inputs is None:
+            return out
+        return self._to_graph(out)
+
+    def _to_graph(self, canonical: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rename, cast and select the features for the graph's inputs."""
+        from pipeline.package import FEATURES
+
+        assert self.inputs is not None
+        feeds: dict[str, np.ndarray] = {}
+        for t in self.inputs:
+            feat = t.feature_name()
+            if feat == "text.token_type_ids":  # one segment: all zeros, shaped like the mask
+                arr = np.zeros_like(canonical["attention_mask"])
+            else:
+                arr = canonical[FEATURES[str(feat)]]
+            feeds[t.name] = arr if arr.dtype == np.dtype(t.dtype) else arr.astype(t.dtype)
+        return feeds
 
 
 def _stack(batch: list[Prepared], key: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -207,8 +207,11 @@ class ModelServer:
         text = pkg.spec.preprocessing.text
         self.seq_len = text.max_length if text is not None else None
         self.vocab = self.predictor.pre.text.vocab_size if self.predictor.pre.text is not None else None
+        # Graph names: a brought model may call its token ids anything.
+        self.ids_input = self.predictor.pre.input_name("text.input_ids") if self.predictor.pre.text else None
         self.pad_values: dict[str, int | float] = (
-            {"input_ids": self.predictor.pre.text.pad_id} if self.predictor.pre.text is not None else {}
+            {self.ids_input: self.predictor.pre.text.pad_id}
+            if self.predictor.pre.text is not None and self.ids_input else {}
         )
         token_heads = any(h.type == "token" for h in pkg.spec.heads)
         self.ensemble_inputs: list[TensorSpecLike] = [Spec(RECORD, "object", ["batch", 1])]
@@ -265,11 +268,12 @@ class ModelServer:
         vocabulary, text longer than the model's length."""
         if self.seq_len is not None and dims.get("sequence", 0) > self.seq_len:
             raise OipError(
-                f"input 'input_ids': sequence length {dims['sequence']} exceeds the model's maximum {self.seq_len}"
+                f"input {self.ids_input!r}: sequence length {dims['sequence']} exceeds the model's maximum "
+                f"{self.seq_len}"
             )
-        ids = inputs.get("input_ids")
+        ids = inputs.get(self.ids_input) if self.ids_input else None
         if ids is not None and self.vocab is not None and ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
-            raise OipError(f"input 'input_ids': token ids must be in [0, {self.vocab})")
+            raise OipError(f"input {self.ids_input!r}: token ids must be in [0, {self.vocab})")
 
     async def infer(
         self, kind: str, inputs: dict[str, np.ndarray], requested: list[str] | None = None,

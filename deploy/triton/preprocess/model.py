@@ -61,7 +61,7 @@ def load_preprocessor(package_dir: Path, allowed_uri_schemes: list[str]):
             raise PackageError(f"checksum mismatch for {rel} in {package_dir} (file altered or corrupt)")
     # Online callers must not make the server read its own files: no URIs
     # unless the config lists schemes.
-    return pkg, Preprocessor(pkg.spec, pkg.text_encoder(), media=MediaConfig(allowed_uri_schemes=allowed_uri_schemes))
+    return pkg, Preprocessor.for_package(pkg, media=MediaConfig(allowed_uri_schemes=allowed_uri_schemes))
 
 
 SEQUENCE_INPUTS = ("input_ids", "attention_mask")
@@ -95,13 +95,15 @@ def featurize(pre, raws: list[bytes], input_specs: list[dict[str, Any]], seq_len
         valid[i, 0] = True
     out: dict[str, np.ndarray] = {}
     feeds = pre.collate(prepared) if prepared else {}
+    ids_name = pre.input_name("text.input_ids") if pre.text is not None else None
+    sequence_inputs = {pre.input_name(f"text.{k}") for k in ("input_ids", "attention_mask", "token_type_ids")}
     for spec in input_specs:
         name, dtype = spec["name"], np.dtype(spec["dtype"])
-        fill = pre.text.pad_id if name == "input_ids" else 0
+        fill = pre.text.pad_id if name == ids_name else 0
         arr = np.full((n, *spec["dims"]), fill, dtype=dtype)
         if name in feeds:
             src = feeds[name].astype(dtype, copy=False)
-            if name in SEQUENCE_INPUTS:  # collate padded to the longest; pad on to the fixed length
+            if name in sequence_inputs:  # collate padded to the longest; pad on to the fixed length
                 arr[rows, : src.shape[1]] = src
             else:
                 arr[rows] = src
