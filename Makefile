@@ -16,9 +16,9 @@ demo:
 
 test:
 	@.ci/bootstrap.sh test
-	$(VENV)/bin/ruff check pipeline exporters deploy tests bench
+	$(VENV)/bin/ruff check pipeline exporters deploy tests bench examples
 	$(VENV)/bin/python -m pytest $(ARGS)
 
 lint:
 	@.ci/bootstrap.sh test
-	$(VENV)/bin/ruff check pipeline exporters tests bench
+	$(VENV)/bin/ruff check pipeline exporters deploy tests bench examples

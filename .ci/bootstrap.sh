@@ -12,8 +12,8 @@ venv=${MMPIPE_VENV:-$HOME/.cache/mmpipe/venv}
 python=${PYTHON:-python3}
 
 case "$target" in
-  train) extras="train,cpu" ;;
-  test)  extras="train,cpu,triton,serve,minilm,dev" ;;
+  train) extras="train,cpu,batch" ;;
+  test)  extras="train,cpu,batch,triton,serve,minilm,dev" ;;
   *) echo "usage: $0 train|test" >&2; exit 2 ;;
 esac
 

@@ -397,6 +397,12 @@ sample records, both with label agreement >= 99%.""",
     from pipeline.verify import add_parser as add_verify
 
     add_verify(sub)
+    from pipeline.batch.cli import add_parser as add_batch
+
+    add_batch(sub)
+    from pipeline.stream.cli import add_parser as add_stream
+
+    add_stream(sub)
 
     r = sub.add_parser(
         "predict", formatter_class=_FMT, help="JSONL records in, JSONL results out",
@@ -421,8 +427,10 @@ examples:
     d = sub.add_parser(
         "demo", formatter_class=_FMT, help="the main job on built-in sample data (no services needed)",
         description="Generate sample data for medical, retail and media, train (or reuse cached)\n"
-        "small models, package them, run them on the sample records (some broken on purpose)\n"
-        "and print a summary: counts, per-label scores, errors by reason.",
+        "small models, package and export them to ONNX, then run the batch job (`mmpipe batch`:\n"
+        "Ray Data on a local Ray) on the sample records (some broken on purpose): Parquet results\n"
+        "and errors under OUT/tags, a summary table (counts, errors by reason, stage times, label\n"
+        "counts, F1 against the sample's truth) and a label-count chart OUT/label_counts.png.",
     )
     d.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
     d.add_argument("--records", type=int, default=300, help="sample records per workload to tag")

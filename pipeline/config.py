@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from pipeline.errors import ConfigError
 
@@ -97,6 +97,96 @@ class MetricsConfig(_Strict):
     port: int | None = Field(None, description="serve /metrics on this port (CLI/stream)")
 
 
+class BatchConfig(_Strict):
+    """The Ray Data batch job (``mmpipe batch``).
+
+    Decode runs in CPU tasks and inference in an actor pool, so the two scale
+    separately: decode is CPU-bound and embarrassingly parallel, while each
+    actor holds one loaded model (and its GPU share) for the whole job."""
+
+    batch_size: int = Field(32, gt=0, description="records per engine call in an inference actor")
+    concurrency: int = Field(1, gt=0, description="inference actors (the minimum when max_concurrency is set)")
+    max_concurrency: int | None = Field(
+        None, gt=0, description="autoscale the actor pool between concurrency and this many actors"
+    )
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per inference actor (fractions share a GPU)")
+    actor_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per inference actor")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per decode task")
+    decode_memory_mb: int = Field(256, gt=0, description="memory reserved per decode task (Ray scheduling), MiB")
+    shard_bytes: int = Field(
+        4 * 2**20, gt=0,
+        description="JSONL inputs are split into byte ranges of about this size: the unit of work and of --resume",
+    )
+    shard_rows: int = Field(256, gt=0, description="Parquet rows / media files per shard")
+    ray_num_cpus: int | None = Field(
+        None, gt=0, description="CPUs of the local Ray started when RAY_ADDRESS is unset (default: all)"
+    )
+    pushgateway_url: str | None = Field(None, description="push job metrics here at the end (host:port or URL)")
+    pushgateway_job: str = Field("mmpipe-batch", min_length=1, description="Pushgateway job label")
+    filesystem: dict[str, Any] = Field(
+        default_factory=dict,
+        description="options for the input's pyarrow filesystem, e.g. {region: eu-west-1, endpoint_override: ...}",
+    )
+    progress: bool = Field(True, description="show a progress bar when stderr is a terminal")
+
+
+class StreamConfig(_Strict):
+    """The Kafka stream consumer (``mmpipe stream``).
+
+    A consumer-group member micro-batches records from ``input_topics``, runs
+    the Predictor and produces results keyed by record id to
+    ``output_topic``; rejected records go, byte for byte, to ``dlq_topic``.
+    Offsets are committed only after the broker acknowledged the results they
+    cover (at-least-once); ``exactly_once`` writes results and offsets in one
+    transaction instead.  Secrets are ``SecretStr``: set them from the
+    environment (``MMPIPE__STREAM__SASL_PASSWORD``) and they never reach a log."""
+
+    bootstrap_servers: list[str] = Field(
+        default_factory=lambda: ["localhost:9092"], min_length=1, description="Kafka brokers, host:port"
+    )
+    group_id: str = Field("mmpipe", min_length=1, description="consumer group; members share the partitions")
+    input_topics: list[str] = Field(default_factory=list, description="topics to consume records from")
+    output_topic: str | None = Field(None, description="results go here, keyed by record id")
+    dlq_topic: str | None = Field(None, description="rejected records go here with their original bytes")
+    client_id: str | None = Field(None, description="Kafka client.id (default mmpipe-HOSTNAME-PID)")
+    max_batch_records: int = Field(32, gt=0, description="a micro-batch closes at this many records...")
+    max_wait_ms: int = Field(50, ge=0, description="...or when its first record has waited this long")
+    max_in_flight: int = Field(
+        1024, gt=0, description="pause fetching when this many records are buffered or in flight (backpressure)"
+    )
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="where a group without committed offsets starts"
+    )
+    exactly_once: bool = Field(
+        False, description="results and consumed offsets in one transaction; read outputs with read_committed"
+    )
+    transactional_id: str | None = Field(
+        None, description="exactly_once: stable per consumer instance (default mmpipe-GROUP-HOSTNAME), so a "
+        "restarted instance fences and aborts its predecessor's open transaction",
+    )
+    transaction_timeout_ms: int = Field(60_000, gt=0, description="exactly_once: broker aborts older transactions")
+    session_timeout_ms: int = Field(10_000, gt=0, description="group membership timeout (a dead member's "
+                                    "partitions move after this)")
+    max_poll_interval_ms: int = Field(300_000, gt=0, description="longest allowed gap between polls")
+    delivery_timeout_ms: int = Field(
+        120_000, gt=0, description="a result not acknowledged within this is resent (never dropped)"
+    )
+    commit_retry_backoff_ms: int = Field(500, ge=0, description="pause before retrying a failed commit")
+    connect_timeout_ms: int = Field(
+        30_000, gt=0, description="give up at start when no broker answers (wrong address, TLS or credentials)"
+    )
+    lag_interval_s: float = Field(2.0, gt=0, description="how often consumer lag per partition is updated")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = Field(None, description="set from env: MMPIPE__STREAM__SASL_PASSWORD")
+    ssl_cafile: Path | None = Field(None, description="CA bundle that signed the brokers' certificates")
+    ssl_certfile: Path | None = Field(None, description="client certificate (mutual TLS)")
+    ssl_keyfile: Path | None = Field(None, description="client private key (mutual TLS)")
+    ssl_password: SecretStr | None = Field(None, description="password of ssl_keyfile; from env")
+    ssl_check_hostname: bool = True
+
+
 class Settings(_Strict):
     model_package: Path | None = None
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -104,6 +194,8 @@ class Settings(_Strict):
     media: MediaConfig = Field(default_factory=MediaConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 

@@ -1,22 +1,21 @@
 """The main job on the embedded default: all three workloads, end to end.
 
 sample data -> train -> package -> ONNX export with parity check (all three
-cached until the code changes) -> Predictor on ONNX Runtime over the sample
-records (some broken on purpose) -> results JSONL + a summary.
+cached until the code changes) -> the batch job (``mmpipe batch``: Ray Data
+on a local Ray, ONNX Runtime actors) over the sample records (some broken on
+purpose) -> Parquet results + errors, a summary table and a label chart.
 No external service is needed.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
 import shutil
-from collections import Counter
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 import pipeline
 from pipeline.spec import BUILTIN_WORKLOADS, WorkloadSpec, load_workload
@@ -65,86 +64,83 @@ def cached_package(spec: WorkloadSpec, retrain: bool = False) -> tuple[Path, dic
     return target / "package", dict(report.__dict__)
 
 
-def run_workload(name: str, out: Path, records: int, retrain: bool) -> dict[str, Any]:
+def prepare_workload(name: str, out: Path, records: int, retrain: bool) -> dict[str, Any]:
+    """The package (cached model, copied into ``out``) and the sample input
+    (generated records plus records broken on purpose, as JSONL) of one
+    workload, with the ground truth for scoring the tags."""
+    import base64
+
     from pipeline import sample_data
-    from pipeline.config import EngineConfig
-    from pipeline.engines import create_engine
-    from pipeline.package import load_package
-    from pipeline.predictor import Predictor
-    from pipeline.train import score_results
 
     spec = load_workload(name)
     cached, report = cached_package(spec, retrain)
     dst = out / "packages" / name
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(cached, dst)
-    pkg = load_package(dst)
-    predictor = Predictor(pkg, create_engine(pkg, EngineConfig(kind="auto", device="cpu")), path="demo")
     samples = sample_data.generate(name, records, seed=TAG_SEED)
-    labels = {s.record["id"]: s.labels for s in samples}
-    inputs: list[Any] = [s.record for s in samples] + [r for r, _ in sample_data.broken_records(name, TAG_SEED)]
-    results = predictor.predict(inputs)
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    with (out / "results" / f"{name}.jsonl").open("w") as fh:
-        for r in results:
-            fh.write(r.model_dump_json(exclude_none=True) + "\n")
-    errors = Counter(r.error.code for r in results if r.error is not None)
-    label_counts: dict[str, dict[str, dict[str, float]]] = {}
-    for h in spec.heads:
-        if h.type == "token":
-            spans = Counter(s.label for r in results if r.error is None for s in r.heads[h.name].spans or [])
-            label_counts[h.name] = {k: {"count": v, "mean_score": 0.0} for k, v in sorted(spans.items())}
-            continue
-        per: dict[str, list[float]] = {lab: [] for lab in h.labels}
-        for r in results:
-            if r.error is None:
-                for ls in r.heads[h.name].labels:
-                    per[ls.label].append(ls.score)
-                    if h.type == "multiclass":
-                        break  # count the top-1 class only
-        label_counts[h.name] = {
-            lab: {"count": len(v), "mean_score": round(float(np.mean(v)), 3) if v else 0.0} for lab, v in per.items()
-        }
-    return {
-        "workload": name,
-        "package": str(pkg.root),
-        "engine": f"{predictor.engine.name} ({predictor.engine.provider})",
-        "records_in": len(inputs),
-        "results": sum(1 for r in results if r.error is None),
-        "errors": dict(sorted(errors.items())),
-        "train_f1": report.get("f1", {}),
-        "tagged_f1": score_results(spec, results, labels),
-        "labels": label_counts,
-    }
+    data = out / "data" / name
+    data.mkdir(parents=True, exist_ok=True)
+    sample_data.write_jsonl(samples, data / "records.jsonl", data / "labels.jsonl")
+    broken = sample_data.broken_records(name, TAG_SEED)
+    with (data / "records.jsonl").open("ab") as fh:
+        for rec, _reason in broken:
+            if isinstance(rec, (bytes, bytearray)):
+                fh.write(bytes(rec).replace(b"\n", b" ") + b"\n")
+            else:
+                safe = {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in rec.items()}
+                fh.write(json.dumps(safe).encode() + b"\n")
+    return {"spec": spec, "package": dst, "input": data / "records.jsonl", "train_f1": report.get("f1", {}),
+            "labels": {s.record["id"]: s.labels for s in samples}}
 
 
-def print_summary(rows: list[dict[str, Any]]) -> None:
-    print()
-    print(f"{'workload':<10} {'in':>5} {'ok':>5} {'errors':>6}   held-out F1 (train)          F1 on tagged sample")
-    for r in rows:
-        f1 = " ".join(f"{k}={v:.2f}" for k, v in r["train_f1"].items())
-        tf1 = " ".join(f"{k}={v:.2f}" for k, v in r["tagged_f1"].items())
-        print(f"{r['workload']:<10} {r['records_in']:>5} {r['results']:>5} {sum(r['errors'].values()):>6}   "
-              f"{f1:<28} {tf1}")
-    for r in rows:
-        print(f"\n{r['workload']} [{r['engine']}]: errors by reason: "
-              + (", ".join(f"{k}={v}" for k, v in r["errors"].items()) or "none"))
-        for head, labs in r["labels"].items():
-            cells = ", ".join(
-                f"{lab} {v['count']}" + (f" ({v['mean_score']:.2f})" if v["mean_score"] else "")
-                for lab, v in labs.items()
-            )
-            print(f"  {head:<12} {cells}")
-    ok = all(r["records_in"] == r["results"] + sum(r["errors"].values()) for r in rows)
-    print(f"\nrecords in = results + errors for every workload: {'yes' if ok else 'NO'}")
+def tagged_f1(spec: WorkloadSpec, tags: Path, run_date: str, labels: dict[str, Any]) -> dict[str, float]:
+    """F1 of the published tags against the sample's ground truth, read back
+    from the Parquet output (what a downstream consumer would see)."""
+    from pipeline.batch.output import read_results
+    from pipeline.records import Result
+    from pipeline.train import score_results
+
+    table = read_results(tags)
+    rows = [r for r in table.to_pylist() if r["workload"] == spec.name and r["run_date"] == run_date]
+    return score_results(spec, [Result.model_validate_json(r["result"]) for r in rows], labels)
 
 
 def run_demo(
     out: Path, records: int = 300, retrain: bool = False, workloads: tuple[str, ...] = BUILTIN_WORKLOADS
 ) -> int:
+    """Models (cached), sample data, then the batch job per workload on one
+    local Ray, results to Parquet, a summary table and a label-count chart."""
+    from pipeline.batch import JobOptions, run_batch
+    from pipeline.batch.job import ray_session
+    from pipeline.batch.summary import label_chart, print_table
+    from pipeline.config import BatchConfig, EngineConfig, Settings
+
     out.mkdir(parents=True, exist_ok=True)
-    rows = [run_workload(w, out, records, retrain) for w in workloads]
-    (out / "summary.json").write_text(json.dumps(rows, indent=2))
-    print_summary(rows)
-    print(f"results in {out / 'results'}, packages in {out / 'packages'}, summary in {out / 'summary.json'}")
-    return 0 if all(r["records_in"] == r["results"] + sum(r["errors"].values()) for r in rows) else 1
+    print(f"preparing models (cached in {cache_root() / 'models'}) and sample data ...", flush=True)
+    inputs = {w: prepare_workload(w, out, records, retrain) for w in workloads}
+    settings = Settings(
+        engine=EngineConfig(kind="onnxruntime", device="cpu"),
+        batch=BatchConfig(batch_size=32, shard_bytes=2 * 2**20),
+    )
+    tags = out / "tags"
+    run_date = dt.datetime.now(dt.UTC).date().isoformat()
+    summaries = []
+    with ray_session(settings) as address:
+        print(f"running the batch job on Ray ({address}) ...", flush=True)
+        for item in inputs.values():
+            summaries.append(run_batch(settings, JobOptions(
+                input=str(item["input"]), output=str(tags), run_date=run_date, package=str(item["package"]))))
+    print_table(summaries)
+    print(f"\n{'workload':<10} held-out F1 (train)            F1 of the published tags")
+    for s in summaries:
+        item = inputs[s["workload"]]
+        s["train_f1"] = item["train_f1"]
+        s["tagged_f1"] = tagged_f1(item["spec"], tags, run_date, item["labels"])
+        f1 = " ".join(f"{k}={v:.2f}" for k, v in s["train_f1"].items())
+        tf1 = " ".join(f"{k}={v:.2f}" for k, v in s["tagged_f1"].items())
+        print(f"{s['workload']:<10} {f1:<30} {tf1}")
+    chart = label_chart(summaries, out / "label_counts.png")
+    (out / "summary.json").write_text(json.dumps(summaries, indent=2))
+    print(f"\nresults in {tags} (Parquet, run_date={run_date}/workload=...), packages in {out / 'packages'},\n"
+          f"summary in {out / 'summary.json'}" + (f", chart in {chart}" if chart else ""))
+    return 0 if all(s["counts_match"] for s in summaries) else 1

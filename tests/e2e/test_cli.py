@@ -18,7 +18,7 @@ def test_top_level_help_lists_commands_and_flow() -> None:
         assert word in out
 
 
-@pytest.mark.parametrize("cmd", ["generate", "train", "package", "predict", "demo"])
+@pytest.mark.parametrize("cmd", ["generate", "train", "package", "predict", "demo", "batch"])
 def test_each_command_has_help_with_examples(cmd: str) -> None:
     proc = run(cmd, "--help")
     assert proc.returncode == 0

@@ -1,0 +1,336 @@
+"""``mmpipe batch``: the Ray Data job, from planning to the published run.
+
+    plan shards (driver, metadata only) -> skip shards already done (--resume)
+    -> Ray Data: from_items(shards) -> map_batches(decode_shards) in CPU tasks
+       -> map_batches(InferActor) in an actor pool (concurrency, num_gpus)
+    -> the driver gathers each shard's rows, writes its Parquet files and
+       done marker to staging -> summary -> one atomic swap -> Pushgateway
+
+Ray Data executes streaming: shards are read, decoded and inferred a few at
+a time with backpressure between stages, so memory follows the number of
+shards in flight, not the size of the input.  The driver only ever holds
+the result rows (labels and scores, no tensors) of shards not yet complete.
+
+A local Ray is started for the job unless ``RAY_ADDRESS`` names a cluster
+(KubeRay's RayJob sets it), or Ray is already initialised in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.batch.inputs import InputFormat, Shard, open_filesystem, plan_shards
+from pipeline.batch.output import RunOutput
+from pipeline.batch.pushgateway import push_job_metrics
+from pipeline.batch.stages import InferActor, decode_shards, settings_json
+from pipeline.batch.summary import aggregate
+from pipeline.config import Settings
+from pipeline.errors import PackageError
+from pipeline.log import log_event
+from pipeline.package import load_package
+
+logger = logging.getLogger(__name__)
+
+
+class BatchJobError(RuntimeError):
+    """The job could not finish; nothing was published (finished shards stay
+    in staging for ``--resume``)."""
+
+
+@dataclass
+class JobOptions:
+    """What one run reads and writes.  A run is identified by its run date
+    and the package's workload: rerunning the same pair replaces it."""
+
+    input: str
+    output: str
+    run_date: str | None = None
+    resume: bool = False
+    input_format: InputFormat = "auto"
+    package: str | None = None
+    progress: bool | None = None  # None: the config's batch.progress, on a terminal only
+
+
+def _run_date(value: str | None) -> str:
+    if value is None:
+        return dt.datetime.now(dt.UTC).date().isoformat()
+    try:
+        return dt.date.fromisoformat(value).isoformat()
+    except ValueError:
+        raise ValueError(f"run date {value!r} is not a date (YYYY-MM-DD)") from None
+
+
+def _ray_init(settings: Settings) -> tuple[bool, str | None, str]:
+    """Start (or join) Ray.  Returns (we started it, our temp dir, address)."""
+    import ray
+
+    if ray.is_initialized():
+        return False, None, "existing"
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return True, None, address
+    # A private temp dir: never attach to someone else's local cluster, and
+    # keep socket paths short.
+    tmp = tempfile.mkdtemp(prefix="mmray-", dir=os.environ.get("RAY_TMPDIR") or "/tmp")
+    ray.init(num_cpus=settings.batch.ray_num_cpus or os.cpu_count() or 1, include_dashboard=False,
+             _temp_dir=tmp, logging_level=logging.WARNING)
+    return True, tmp, "local"
+
+
+@contextlib.contextmanager
+def ray_session(settings: Settings) -> Iterator[str]:
+    """Ray for one or more jobs: the cluster named by ``RAY_ADDRESS``, the
+    one already initialised in this process, or a local one started here
+    (and shut down on exit).  Yields where the jobs run."""
+    import ray
+
+    started, tmp, address = _ray_init(settings)
+    try:
+        yield address
+    finally:
+        if started:
+            ray.shutdown()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Collector:
+    """Gathers the rows of each shard as they arrive (any order, possibly
+    twice after a retried task) and writes a shard once all its rows are in."""
+
+    def __init__(self, out: RunOutput, shards: dict[str, Shard]) -> None:
+        self.out, self.shards = out, shards
+        self.parts: dict[str, list[pa.Table]] = defaultdict(list)
+        self.seen: dict[str, set[int]] = defaultdict(set)
+        self.expected: dict[str, int] = {}
+        self.decode_s: dict[str, float] = {}
+        self.infer_s: dict[str, float] = defaultdict(float)
+        self.finished: list[str] = []
+        self.records = 0
+        self.errors = 0
+        self.write_s = 0.0
+        self.engine: str | None = None  # "name (provider)" as the actors report it
+
+    def add(self, tbl: pa.Table) -> int:
+        """Take one output block; returns how many shards it completed."""
+        keys, seqs, kinds = (tbl.column(c).to_pylist() for c in ("shard", "seq", "kind"))
+        counts, decode_s, infer_s = (tbl.column(c).to_pylist() for c in ("count", "decode_s", "infer_s"))
+        if self.engine is None and tbl.num_rows:
+            self.engine = f"{tbl['engine'][0].as_py()} ({tbl['provider'][0].as_py()})"
+        rows: dict[str, list[int]] = defaultdict(list)
+        for i, (key, seq, kind) in enumerate(zip(keys, seqs, kinds, strict=True)):
+            if key not in self.shards or key in self.finished:
+                continue
+            if kind == "end":
+                if key not in self.expected:
+                    self.expected[key], self.decode_s[key] = counts[i], decode_s[i]
+                continue
+            if seq in self.seen[key]:
+                continue  # a retried task's repeat
+            self.seen[key].add(seq)
+            self.infer_s[key] += infer_s[i]
+            rows[key].append(i)
+        for key, idx in rows.items():
+            self.parts[key].append(tbl.take(pa.array(idx, type=pa.int64())))
+        done = 0
+        for key in set(rows) | {k for k in keys if k in self.expected}:
+            if key not in self.finished and key in self.expected and len(self.seen[key]) == self.expected[key]:
+                self._flush(key)
+                done += 1
+        return done
+
+    def _flush(self, key: str) -> None:
+        t0 = time.perf_counter()
+        parts = self.parts.pop(key, [])
+        shard = self.shards[key]
+        tbl = pa.concat_tables(parts).sort_by("seq") if parts else None
+        ok = tbl.filter(pc.equal(tbl["kind"], "ok")) if tbl is not None else None
+        err = tbl.filter(pc.equal(tbl["kind"], "error")) if tbl is not None else None
+        reasons = Counter(err["error_code"].to_pylist()) if err is not None else Counter()
+        labels: dict[str, Counter[str]] = defaultdict(Counter)
+        if ok is not None:
+            for row in ok["labels"].to_pylist():
+                for lab in row or []:
+                    labels[lab["head"]][lab["label"]] += 1
+        marker = {
+            "shard": key, "source": shard.path, "kind": shard.kind, "range": [shard.start, shard.end],
+            "records": self.expected[key], "ok": ok.num_rows if ok is not None else 0,
+            "errors": dict(sorted(reasons.items())), "labels": {h: dict(c) for h, c in sorted(labels.items())},
+            "decode_s": round(self.decode_s.get(key, 0.0), 4), "infer_s": round(self.infer_s.get(key, 0.0), 4),
+        }
+        empty = pa.table({"kind": pa.array([], pa.string())})
+        self.out.write_shard(key, ok if ok is not None else empty, err if err is not None else empty, marker)
+        self.seen.pop(key, None)
+        self.finished.append(key)
+        self.records += self.expected[key]
+        self.errors += sum(reasons.values())
+        self.write_s += time.perf_counter() - t0
+
+
+def _progress(enabled: bool, total: int) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="shard", desc="mmpipe batch", file=sys.stderr, dynamic_ncols=True)
+
+
+def _execute(settings: Settings, package_dir: str, input_uri: str, todo: list[Shard], out: RunOutput,
+             progress: bool) -> tuple[_Collector, dict[str, float], str]:
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    cfg = settings.batch
+    t0 = time.perf_counter()
+    with ray_session(settings) as address:
+        times = {"ray_start": time.perf_counter() - t0}
+        if cfg.num_gpus > 0 and not ray.cluster_resources().get("GPU"):
+            msg = f"batch.num_gpus={cfg.num_gpus} but the Ray cluster has no GPUs"
+            if address in ("local", "existing"):
+                raise BatchJobError(msg + " (set batch.num_gpus: 0 on CPU machines)")
+            log_event(logger, logging.WARNING, "no_gpus_yet", detail=msg)
+        cpus = ray.cluster_resources().get("CPU", 0)
+        need = max(cfg.concurrency, cfg.max_concurrency or 0) * cfg.actor_num_cpus + cfg.num_cpus
+        if need > cpus:
+            # The actors would hold every CPU and no decode task could run: a hang, not a slow job.
+            msg = (f"{max(cfg.concurrency, cfg.max_concurrency or 0)} inference actors x batch.actor_num_cpus="
+                   f"{cfg.actor_num_cpus} + one decode task (batch.num_cpus={cfg.num_cpus}) need {need:g} CPUs; "
+                   f"the Ray cluster has {cpus:g}")
+            if address in ("local", "existing"):
+                raise BatchJobError(msg + " (lower batch.concurrency or batch.actor_num_cpus)")
+            log_event(logger, logging.WARNING, "cluster_too_small_yet", detail=msg)
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False  # ours counts shards and records; Ray's would interleave
+        ctx.print_on_execution_start = False
+        ctx.execution_options.preserve_order = False
+        sj = settings_json(settings)
+        ds = ray.data.from_items([s.row() for s in todo], override_num_blocks=len(todo))
+        # Decode tasks reserve memory for a shard's decoded tensors.  That also
+        # keeps Ray Data from fusing decode into the inference actors (it fuses
+        # stages with equal resource requests), which would serialise decode
+        # and inference in one process and put decoding on GPU nodes.  A task
+        # retried after a worker died repeats rows: the collector drops them.
+        ds = ds.map_batches(decode_shards, batch_size=1, batch_format="numpy", num_cpus=cfg.num_cpus,
+                            memory=cfg.decode_memory_mb * 2**20,
+                            fn_kwargs={"settings_json": sj, "package_dir": package_dir, "input_uri": input_uri})
+        pool = ActorPoolStrategy(min_size=cfg.concurrency, max_size=max(cfg.concurrency, cfg.max_concurrency or 0))
+        ds = ds.map_batches(InferActor, batch_size=cfg.batch_size, batch_format="numpy", compute=pool,
+                            num_cpus=cfg.actor_num_cpus, num_gpus=cfg.num_gpus or None,
+                            fn_constructor_kwargs={"settings_json": sj, "package_dir": package_dir,
+                                                   "batch_size": cfg.batch_size})
+        collector = _Collector(out, {s.key: s for s in todo})
+        bar = _progress(progress, len(todo))
+        t1 = time.perf_counter()
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Data configures itself on first use
+        try:
+            for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                done = collector.add(block)
+                if bar is not None and done:
+                    bar.update(done)
+                    bar.set_postfix(records=collector.records, errors=collector.errors)
+        finally:
+            if bar is not None:
+                bar.close()
+        times["pipeline"] = time.perf_counter() - t1
+        missing = len(todo) - len(collector.finished)
+        if missing:
+            raise BatchJobError(f"{missing} of {len(todo)} shards did not complete; nothing was published")
+        return collector, times, address
+
+
+def run_batch(settings: Settings, opts: JobOptions) -> dict[str, Any]:
+    """Run the job; returns the summary (also written beside the output).
+    Raises BatchJobError (or InputError/OutputError/PackageError) without
+    publishing anything when the run cannot finish."""
+    t_start = time.perf_counter()
+    package_dir = opts.package or (str(settings.model_package) if settings.model_package else None)
+    if package_dir is None:
+        raise PackageError("no model package given: pass --package or set model_package in the config")
+    package = load_package(package_dir)  # verifies checksums before any worker starts
+    package_dir = str(package.root)
+    workload = package.spec.name
+    run_date = _run_date(opts.run_date)
+    cfg = settings.batch
+    fs, path = open_filesystem(opts.input, cfg.filesystem)
+    shards = plan_shards(fs, path, fmt=opts.input_format, shard_bytes=cfg.shard_bytes, shard_rows=cfg.shard_rows)
+    input_uri = opts.input if "://" in opts.input else path
+    t_plan = time.perf_counter() - t_start
+    out = RunOutput(opts.output, run_date, workload)
+    progress = (cfg.progress and sys.stderr.isatty()) if opts.progress is None else opts.progress
+    summary: dict[str, Any] = {"workload": workload, "run_date": run_date, "model": package.name}
+    try:
+        done = out.open(opts.resume)
+        keys = {s.key for s in shards}
+        if opts.resume:
+            out.drop_shards(keep=keys)
+        todo = [s for s in shards if s.key not in done]
+        log_event(logger, logging.INFO, "batch_planned", workload=workload, run_date=run_date, shards=len(shards),
+                  todo=len(todo), resume=opts.resume)
+        times: dict[str, float] = {"plan": t_plan}
+        attempt_records, address, engine_used = 0, "none (nothing to do)", None
+        if todo:
+            collector, run_times, address = _execute(settings, package_dir, input_uri, todo, out, progress)
+            times.update(run_times)
+            times["write"] = collector.write_s
+            attempt_records, engine_used = collector.records, collector.engine
+        markers = [m for k, m in out.done_markers().items() if k in keys]
+        if len(markers) != len(shards):
+            raise BatchJobError(f"only {len(markers)} of {len(shards)} shards are done; nothing was published")
+        agg = aggregate(markers)
+        wall = time.perf_counter() - t_start
+        summary.update({
+            "run_id": f"{run_date}/{workload}",
+            "model_version": package.version,
+            "engine": engine_used or settings.engine.kind,
+            "input": opts.input,
+            "output": str(out.final),
+            "records_in": agg["records_in"],
+            "results": agg["results"],
+            "errors": agg["errors"],
+            "errors_by_reason": agg["errors_by_reason"],
+            "counts_match": agg["records_in"] == agg["results"] + agg["errors"],
+            "shards": len(shards),
+            "shards_skipped": len(shards) - len(todo),
+            "records_this_attempt": attempt_records,
+            "wall_s": round(wall, 3),
+            "records_per_s": round(attempt_records / wall, 2) if wall > 0 else 0.0,
+            "stage_seconds": {k: round(v, 3) for k, v in
+                              {**times, "decode": agg["decode_s"], "infer": agg["infer_s"]}.items()},
+            "labels": agg["labels"],
+            "ray": {"address": address, "concurrency": cfg.concurrency, "max_concurrency": cfg.max_concurrency,
+                    "num_gpus": cfg.num_gpus, "batch_size": cfg.batch_size},
+        })
+        if not summary["counts_match"]:
+            raise BatchJobError("records in != results + errors; nothing was published")
+        out.commit(summary)
+        log_event(logger, logging.INFO, "batch_published", workload=workload, run_date=run_date,
+                  records=agg["records_in"], results=agg["results"], errors=agg["errors"], output=str(out.final))
+    except BaseException:
+        if cfg.pushgateway_url:  # duration and counts so far; last_success keeps its old value
+            summary.setdefault("wall_s", round(time.perf_counter() - t_start, 3))
+            push_job_metrics(cfg.pushgateway_url, cfg.pushgateway_job, summary, success=False)
+        raise
+    finally:
+        out.close()
+    if cfg.pushgateway_url:
+        summary["pushgateway"] = push_job_metrics(cfg.pushgateway_url, cfg.pushgateway_job, summary, success=True)
+    return summary
