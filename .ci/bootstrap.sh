@@ -46,3 +46,37 @@ if [ "$target" = test ] && ! command -v prometheus >/dev/null 2>&1 && [ ! -x /us
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } \
     >/dev/null 2>&1 || echo "bootstrap: could not install prometheus; the Serve metrics test will report it" >&2
 fi
+
+# The batch job's integration test pushes its metrics to a real Pushgateway
+# (Debian's prometheus-pushgateway).  Best effort, like prometheus above.
+if [ "$target" = test ] && ! command -v prometheus-pushgateway >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "bootstrap: installing prometheus-pushgateway (apt-get)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      prometheus-pushgateway; } >/dev/null 2>&1 \
+    || echo "bootstrap: could not install prometheus-pushgateway; the batch metrics test will report it" >&2
+fi
+
+# The Helm chart tests need the real helm (built from the Go module proxy,
+# pinned) and the operators' CRDs (inside their Go modules), cached under
+# ~/.cache/mmpipe; tests/integration/k8s_tools.py does the same on demand.
+if [ "$target" = test ] && command -v go >/dev/null 2>&1; then
+  "$venv/bin/python" - "$repo" <<'PY' || echo "bootstrap: could not fetch helm or the CRDs; the chart tests will report it" >&2
+import sys
+sys.path.insert(0, sys.argv[1])
+from tests.integration import k8s_tools
+print("bootstrap: helm at", k8s_tools.helm_binary())
+print("bootstrap: CRD schemas:", len(k8s_tools.crd_schemas()))
+PY
+fi
+
+# The stream tests cross-check with kcat (Debian's package, librdkafka) and
+# run Apache Kafka from jars fetched by Maven (Java 17 + Maven).  Best
+# effort: the Kafka fixture installs kcat itself or skips that one check.
+if [ "$target" = test ] && ! command -v kcat >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "bootstrap: installing kcat (apt-get)"
+  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kcat \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kcat; }; } \
+    >/dev/null 2>&1 || echo "bootstrap: could not install kcat; the kcat cross-check will report it" >&2
+fi

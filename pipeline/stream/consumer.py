@@ -1,0 +1,489 @@
+"""The Kafka stream consumer: a consumer-group member that tags records as
+they arrive.
+
+The main thread owns the kafka-python consumer (it is not thread safe): it
+polls, fills the :class:`MicroBatcher`, hands closed batches to one worker
+thread, commits what the worker finished and applies backpressure.  The
+worker runs :class:`PredictStage` and produces, so fetching goes on while the
+model runs.  Delivery guarantees:
+
+* at-least-once (default): a batch's offsets are committed only after the
+  broker acknowledged every result and dead letter of that batch.  A crash
+  re-delivers at most the batches since the last commit; nothing is lost.
+* exactly-once (``stream.exactly_once``): the worker writes a batch's
+  outputs and its consumed offsets in one transaction (KIP-447 group
+  metadata, so a zombie is fenced); downstream reads with read_committed.
+
+Rebalances: on revocation everything acknowledged is committed before the
+partitions go; a batch still in the worker is delivered but not committed,
+and buffered records of revoked partitions are dropped uncommitted (the next
+owner reads both again: at-least-once).  SIGTERM/SIGINT (``stop``)
+finish and commit what is in flight, then leave the group; a second signal
+abandons the in-flight work uncommitted (``abandon``), which loses nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata
+from kafka import TopicPartition as KTP
+from kafka.errors import KafkaError
+from kafka.future import Future as KFuture
+
+from pipeline.config import Settings
+from pipeline.log import log_event
+from pipeline.predictor import Predictor
+from pipeline.stream import client
+from pipeline.stream.stages import (
+    Backpressure,
+    InMessage,
+    MicroBatcher,
+    OffsetTracker,
+    OutMessage,
+    PredictStage,
+    TopicPartition,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class StreamError(RuntimeError):
+    """The consumer cannot go on (fatal client error, fenced, misconfigured).
+
+    Nothing unacknowledged has been committed, so a restart loses nothing."""
+
+
+class StreamConsumer:
+    """One consumer-group member; ``run()`` until ``stop()``."""
+
+    def __init__(self, settings: Settings, predictor: Predictor, *, exit_when_idle_s: float | None = None) -> None:
+        cfg = settings.stream
+        missing = [n for n in ("input_topics", "output_topic", "dlq_topic") if not getattr(cfg, n)]
+        if missing:
+            raise ValueError(f"stream config lacks {', '.join('stream.' + m for m in missing)}")
+        assert cfg.output_topic is not None and cfg.dlq_topic is not None
+        # kafka-python logs the SASL handshake bytes (username and password)
+        # at DEBUG: its loggers never go below INFO, whatever the root level.
+        kafka_log = logging.getLogger("kafka")
+        if kafka_log.getEffectiveLevel() < logging.INFO:
+            kafka_log.setLevel(logging.INFO)
+        self.cfg = cfg
+        self.predictor = predictor
+        self.stage = PredictStage(predictor, cfg.output_topic, cfg.dlq_topic)
+        self.batcher = MicroBatcher(cfg.max_batch_records, cfg.max_wait_ms / 1000)
+        self.tracker = OffsetTracker()
+        self.bp = Backpressure(cfg.max_in_flight)
+        self.metrics = predictor.metrics
+        self.labels = self.stage.labels
+        self.exit_when_idle_s = exit_when_idle_s
+        self.counts: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._abandon = threading.Event()
+        self._inflight: deque[tuple[list[InMessage], Future[list[OutMessage]], int]] = deque()
+        self._generation = 0  # bumped on every revocation: older batches' offsets are not ours to commit
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="mmpipe-stream-worker")
+        self._next_commit = 0.0
+        self._next_lag = 0.0
+        self._lag_labels: set[TopicPartition] = set()
+        self._closing = False
+        self._rewind_to: dict[TopicPartition, int] = {}
+        self._last_record = time.monotonic()
+        self.consumer: Any = None
+        self.producer: Any = None
+        self.ready = threading.Event()  # set once the group assigned partitions (tests, health)
+
+    # -- control ----------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Finish and commit the in-flight work, then leave the group."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def abandon(self) -> None:
+        """Stop without waiting: in-flight work stays uncommitted (re-delivered later)."""
+        self._abandon.set()
+        self._stop.set()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def _connect(self) -> None:
+        log_event(logger, logging.INFO, "stream_connecting", **client.describe(self.cfg))
+        try:
+            self.producer = KafkaProducer(max_block_ms=30_000, **client.producer_kwargs(self.cfg))
+            for topic in (self.cfg.output_topic, self.cfg.dlq_topic):
+                if not self.producer.partitions_for(topic):
+                    raise StreamError(f"topic {topic!r} does not exist (create it; auto-creation is not relied on)")
+            if self.cfg.exactly_once:
+                # Fences a previous instance with the same transactional id and
+                # aborts its open transaction.
+                self.producer.init_transactions()
+            self.consumer = KafkaConsumer(**client.consumer_kwargs(self.cfg))
+            # Fetch the input topics' metadata before joining: a group leader
+            # that joins without it assigns nothing and may not rejoin.
+            for topic in self.cfg.input_topics:
+                if not self.consumer.partitions_for_topic(topic):
+                    raise StreamError(f"input topic {topic!r} does not exist")
+            self.consumer.subscribe(self.cfg.input_topics, listener=_Listener(self))
+        except KafkaError as exc:
+            raise StreamError(
+                f"cannot connect to Kafka ({type(exc).__name__}): {exc}; check stream.bootstrap_servers, "
+                "security_protocol and the credentials"
+            ) from exc
+
+    def run(self) -> int:
+        """Consume until stopped.  Returns 0 after a clean stop."""
+        try:
+            self._connect()
+            while not self._stop.is_set():
+                self._step()
+                if (self.exit_when_idle_s is not None and not self._inflight and not len(self.batcher)
+                        and time.monotonic() - self._last_record >= self.exit_when_idle_s):
+                    log_event(logger, logging.INFO, "stream_idle_exit", idle_s=self.exit_when_idle_s)
+                    break
+            self._drain()
+            return 0
+        finally:
+            self._close()
+
+    def _step(self) -> None:
+        self._harvest(block=False)
+        self._commit()
+        while self.batcher.ready():
+            self._submit(self.batcher.take())
+        self._backpressure()
+        wait = min(self.batcher.time_left(), 0.1)
+        try:
+            polled = self.consumer.poll(timeout_ms=max(int(wait * 1000), 1))
+        except KafkaError as exc:
+            if not getattr(exc, "retriable", False):
+                raise StreamError(f"consumer failed ({type(exc).__name__}): {exc}") from exc
+            log_event(logger, logging.WARNING, "poll_retry", exc_type=type(exc).__name__)
+            time.sleep(0.5)
+            return
+        n = 0
+        for msgs in polled.values():
+            n += len(msgs)
+            dropped = self.batcher.add(InMessage.from_kafka(m) for m in msgs)
+            if dropped:
+                log_event(logger, logging.WARNING, "duplicate_offsets_dropped", count=dropped)
+        if n:
+            self._last_record = time.monotonic()
+            self.counts["in"] += n
+        self._lag()
+
+    def _drain(self) -> None:
+        """Graceful stop: finish, deliver and commit every submitted batch."""
+        if self._abandon.is_set():
+            log_event(logger, logging.WARNING, "stream_abandoned", in_flight=sum(len(b) for b, _, _ in self._inflight))
+            return
+        self._harvest(block=True)
+        self._commit(force=True)
+        self._lag(force=True)
+        log_event(logger, logging.INFO, "stream_drained", buffered_not_processed=len(self.batcher), **self.counts)
+
+    def _close(self) -> None:
+        self._executor.shutdown(wait=not self._abandon.is_set(), cancel_futures=True)
+        self._closing = True  # the final revocation keeps the last lag readings for a last scrape
+        if self.consumer is not None:
+            try:
+                self.consumer.close(autocommit=False)  # leaves the group: partitions move at once
+            except Exception as exc:  # closing must not mask the reason we stopped
+                log_event(logger, logging.WARNING, "consumer_close_failed", exc_type=type(exc).__name__)
+        if self.producer is not None:
+            try:
+                self.producer.close(timeout=5 if self._abandon.is_set() else 30)
+            except Exception as exc:
+                log_event(logger, logging.WARNING, "producer_close_failed", exc_type=type(exc).__name__)
+        log_event(logger, logging.INFO, "stream_stopped", **self.counts)
+
+    # -- batches -----------------------------------------------------------------------------------
+    def _submit(self, batch: list[InMessage]) -> None:
+        if self.cfg.exactly_once:
+            # In the main thread, between polls: a rebalance can only happen
+            # inside poll(), so no transaction is ever open across one (a
+            # worker's transaction would wait on a rebalance that waits on it).
+            outs = self._process_tx(batch)
+            if outs is not None:
+                fut: Future[list[OutMessage]] = Future()
+                fut.set_result(outs)
+                self._inflight.append((batch, fut, self._generation))
+                self._harvest(block=False)
+            return
+        self._inflight.append((batch, self._executor.submit(self._process, batch), self._generation))
+        self._gauge_depth()
+
+    def _harvest(self, *, block: bool) -> None:
+        while self._inflight and (block or self._inflight[0][1].done()):
+            batch, fut, generation = self._inflight.popleft()
+            try:
+                outs = fut.result()
+            except StreamError:
+                raise
+            except Exception as exc:
+                raise StreamError(f"a batch failed ({type(exc).__name__}); its offsets were not committed") from exc
+            if generation == self._generation:
+                # A batch that straddled a revocation was delivered, but its
+                # partitions may have moved: the next owner redoes it.
+                self.tracker.complete(batch)
+            if self.cfg.exactly_once:
+                self.tracker.mark_committed(OffsetTracker.offsets_of(batch))
+            for o in outs:
+                if o.kind == "result":
+                    self.counts["results"] += 1
+                else:
+                    self.counts["dlq"] += 1
+                    self.counts[f"dlq:{o.reason}"] += 1
+        self._gauge_depth()
+
+    def _process(self, batch: list[InMessage]) -> list[OutMessage]:
+        """Worker: predict, produce, wait for the broker's acknowledgement."""
+        outs = self.stage(batch)
+        self._deliver(outs)
+        self._observe(outs)
+        return outs
+
+    def _deliver(self, outs: Sequence[OutMessage]) -> None:
+        """Produce until every message is acknowledged.  Retriable failures
+        (a broker away) are retried with backoff for as long as it takes;
+        anything else is fatal: the batch stays uncommitted."""
+        pending = list(outs)
+        backoff = 0.5
+        while pending:
+            futures = [(o, self._send(o)) for o in pending]
+            try:
+                self.producer.flush(timeout=self.cfg.delivery_timeout_ms / 1000 + 5)
+            except Exception as exc:
+                log_event(logger, logging.WARNING, "flush_incomplete", exc_type=type(exc).__name__)
+            pending = []
+            for o, f in futures:
+                if f.succeeded():
+                    continue
+                exc = f.exception if f.is_done else None
+                if exc is not None and not getattr(exc, "retriable", False):
+                    raise StreamError(f"the broker refused a {o.kind} message ({type(exc).__name__}): {exc}")
+                pending.append(o)
+            if pending:
+                if self._abandon.is_set():
+                    raise StreamError("abandoned while results were unacknowledged")
+                log_event(logger, logging.WARNING, "produce_retry", unacknowledged=len(pending), backoff_s=backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def _send(self, o: OutMessage) -> Any:
+        try:
+            return self.producer.send(o.topic, value=o.value, key=o.key, headers=o.headers)
+        except Exception as exc:  # e.g. metadata unavailable while the broker is away
+            f = KFuture()
+            f.failure(exc if getattr(exc, "retriable", False) else _Retriable(str(exc)))
+            return f
+
+    def _process_tx(self, batch: list[InMessage]) -> list[OutMessage] | None:
+        """Exactly-once: a batch's outputs and its offsets in one transaction.
+
+        On failure the transaction is aborted and the batch's partitions are
+        rewound to its first offsets, so its records are read and processed
+        again (by this member, or by the next owner after a rebalance).
+        Returns None when the batch was rewound."""
+        outs = self.stage(batch)
+        offsets = OffsetTracker.offsets_of(batch)
+        tx_offsets = {KTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+        try:
+            self.producer.begin_transaction()
+            futures = [self.producer.send(o.topic, value=o.value, key=o.key, headers=o.headers) for o in outs]
+            self.producer.send_offsets_to_transaction(tx_offsets, self.consumer.group_metadata())
+            self.producer.commit_transaction()
+            for f in futures:
+                f.get(timeout=0)  # raises if a record failed inside the committed transaction
+        except KafkaError as exc:
+            self.metrics.commit_failures.labels(**self.labels).inc()
+            log_event(logger, logging.WARNING, "transaction_aborted", exc_type=type(exc).__name__,
+                      records=len(batch))
+            try:
+                self.producer.abort_transaction()
+            except KafkaError as exc2:
+                raise StreamError(f"transaction failed and could not be aborted ({type(exc2).__name__}); "
+                                  "restart: nothing of it was committed") from exc
+            self._rewind(batch)
+            time.sleep(self.cfg.commit_retry_backoff_ms / 1000)
+            return None
+        self._observe(outs)
+        return outs
+
+    def _rewind(self, batch: list[InMessage]) -> None:
+        """Seek the batch's partitions back to its first offsets, dropping
+        what was buffered after it, so nothing of it is skipped."""
+        first: dict[TopicPartition, int] = {}
+        for m in batch:
+            first[m.tp] = min(first.get(m.tp, m.offset), m.offset)
+        self.batcher.revoked(first)
+        assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        for tp, off in first.items():
+            if tp in assigned:
+                self.consumer.seek(KTP(*tp), off)
+
+    def _observe(self, outs: Sequence[OutMessage]) -> None:
+        now = time.time()
+        m, lab = self.metrics, self.labels
+        for o in outs:
+            if o.kind == "dlq":
+                m.dlq_records.labels(**lab, reason=o.reason or "unknown").inc()
+            if o.source.timestamp_ms:
+                m.end_to_end_seconds.labels(**lab).observe(max(0.0, now - o.source.timestamp_ms / 1000))
+
+    # -- offsets -----------------------------------------------------------------------------------
+    def _commit(self, *, force: bool = False) -> None:
+        if self.cfg.exactly_once:
+            return  # committed inside each batch's transaction
+        pending = self.tracker.pending()
+        if not pending or (not force and time.monotonic() < self._next_commit):
+            return
+        offsets = {KTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in pending.items()}
+        try:
+            self.consumer.commit(offsets, timeout_ms=30_000)
+        except KafkaError as exc:
+            # The results are delivered; a failed commit only means they may
+            # be delivered again (at-least-once).  Retry after a pause.
+            self.metrics.commit_failures.labels(**self.labels).inc()
+            log_event(logger, logging.WARNING, "commit_failed", exc_type=type(exc).__name__,
+                      partitions=len(offsets))
+            self._next_commit = time.monotonic() + self.cfg.commit_retry_backoff_ms / 1000
+            return
+        self.tracker.mark_committed(pending)
+
+    # -- rebalances --------------------------------------------------------------------------------
+    def revoke_prepare(self, tps: set[TopicPartition]) -> dict[Any, Any]:
+        """First half of a revocation: the offsets of every acknowledged
+        batch, to commit before the partitions go."""
+        if not tps or self.cfg.exactly_once:
+            return {}  # exactly-once: nothing in flight, offsets already in the transactions
+        # Only what is already acknowledged: waiting here for the worker
+        # would block kafka-python's IO thread, which its producer shares.
+        self._harvest(block=False)
+        self._generation += 1
+        pending = self.tracker.pending()
+        return {KTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in pending.items()}
+
+    def commit_done(self, offsets: dict[Any, Any], error: BaseException | None) -> None:
+        if error is None:
+            self.tracker.mark_committed({(tp.topic, tp.partition): om.offset for tp, om in offsets.items()})
+        else:
+            self.metrics.commit_failures.labels(**self.labels).inc()
+            log_event(logger, logging.WARNING, "commit_failed", exc_type=type(error).__name__,
+                      partitions=len(offsets), during="revocation")
+
+    def on_revoked(self, tps: set[TopicPartition]) -> None:
+        """Second half: drop what was fetched but not processed."""
+        if not tps:
+            return
+        for tp, off in self.batcher.first_offsets(tps).items():
+            # kafka-python keeps a partition's fetch position when the same
+            # member gets it back: rewind to the first record dropped here.
+            self._rewind_to[tp] = off
+        dropped = self.batcher.revoked(tps)
+        self.tracker.forget(tps)
+        for tp in set() if self._closing else tps & self._lag_labels:
+            self._lag_labels.discard(tp)
+            with contextlib.suppress(KeyError):
+                self.metrics.consumer_lag.remove(*self.labels.values(), tp[0], str(tp[1]))
+        self.metrics.rebalances.labels(**self.labels, kind="revoked").inc()
+        log_event(logger, logging.INFO, "partitions_revoked", partitions=_fmt(tps), buffered_dropped=dropped)
+
+    def on_assigned(self, tps: set[TopicPartition]) -> None:
+        self.batcher.assigned(tps)
+        self._last_record = time.monotonic()  # idle time counts from owning partitions
+        for tp in tps:
+            off = self._rewind_to.pop(tp, None)
+            if off is not None:
+                self.consumer.seek(KTP(*tp), off)
+        self._rewind_to.clear()
+        self.metrics.rebalances.labels(**self.labels, kind="assigned").inc()
+        if self.bp.paused and tps:
+            self.consumer.pause(*(KTP(t, p) for t, p in tps))
+        self._gauge_paused()
+        log_event(logger, logging.INFO, "partitions_assigned", partitions=_fmt(tps))
+        self.ready.set()
+
+    # -- backpressure, lag, gauges -----------------------------------------------------------------
+    def in_flight(self) -> int:
+        return len(self.batcher) + sum(len(b) for b, _, _ in self._inflight)
+
+    def _backpressure(self) -> None:
+        action = self.bp.update(self.in_flight())
+        if action == "pause":
+            self.consumer.pause(*self.consumer.assignment())
+            log_event(logger, logging.INFO, "backpressure_pause", in_flight=self.in_flight())
+        elif action == "resume":
+            self.consumer.resume(*self.consumer.paused())
+            log_event(logger, logging.INFO, "backpressure_resume", in_flight=self.in_flight())
+        if action:
+            self._gauge_paused()
+
+    def _gauge_paused(self) -> None:
+        self.metrics.paused_partitions.labels(**self.labels).set(len(self.consumer.paused()))
+
+    def _gauge_depth(self) -> None:
+        self.metrics.queue_depth.labels(**self.labels).set(self.in_flight())
+
+    def _lag(self, *, force: bool = False) -> None:
+        """Lag per partition: the high watermark minus the next offset this
+        member will have acknowledged (what is left to do)."""
+        now = time.monotonic()
+        if now < self._next_lag and not force:
+            return
+        for ktp in self.consumer.assignment():
+            hw = self.consumer.highwater(ktp)
+            if hw is None:
+                continue
+            tp = (ktp.topic, ktp.partition)
+            base = self.tracker.done.get(tp)
+            if base is None:
+                # Nothing acknowledged yet in this generation: count from the
+                # fetch position (everything fetched is still to do).
+                base = self.batcher.first_offset(tp, default=hw)
+            self.metrics.consumer_lag.labels(**self.labels, topic=tp[0], partition=str(tp[1])).set(max(0, hw - base))
+            self._lag_labels.add(tp)
+            # Until a fetch reported a high watermark, look again next step.
+            self._next_lag = now + self.cfg.lag_interval_s
+
+
+class _Retriable(Exception):
+    retriable = True
+
+
+def _fmt(tps: set[TopicPartition]) -> str:
+    return ",".join(f"{t}:{p}" for t, p in sorted(tps))
+
+
+class _Listener(AsyncConsumerRebalanceListener):
+    """Rebalance hooks.  kafka-python runs them on its IO thread, where the
+    blocking consumer API (``commit``) is refused, so the revocation commit
+    is awaited on that loop instead: the commit of what is done happens
+    before the partitions go, and the heartbeat keeps running meanwhile."""
+
+    def __init__(self, owner: StreamConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        tps = {(tp.topic, tp.partition) for tp in revoked}
+        offsets = self.owner.revoke_prepare(tps)
+        if offsets:
+            error: BaseException | None = None
+            try:
+                # kafka-python's awaitable commit (what ``commit()`` runs on the IO thread).
+                await self.owner.consumer._coordinator._commit_offsets_sync_async(offsets, timeout_ms=30_000)
+            except KafkaError as exc:
+                error = exc
+            self.owner.commit_done(offsets, error)
+        self.owner.on_revoked(tps)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.owner.on_assigned({(tp.topic, tp.partition) for tp in assigned})

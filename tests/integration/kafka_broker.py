@@ -1,0 +1,272 @@
+"""A real Apache Kafka broker (KRaft, broker + controller in one JVM) for tests.
+
+The broker's jars come from Maven Central: ``tests/kafka/pom.xml`` names
+``org.apache.kafka:kafka_2.13`` and a logging backend, and
+``mvn dependency:copy-dependencies`` copies them with their runtime
+dependencies into ``~/.cache/mmpipe/kafka/<version>/libs`` once; later runs
+(and other clones on the machine) reuse them.  Each :class:`KafkaBroker`
+formats its own storage in a temporary directory and listens on free
+loopback ports: PLAINTEXT for the tests, SASL_PLAINTEXT (PLAIN and
+SCRAM-SHA-256) for the security pass-through test, CONTROLLER for KRaft.
+``stop()`` / ``start()`` keep ports and storage, so a test can take the
+broker away under a running consumer and bring the same cluster back.
+
+``kcat`` (Debian's package, librdkafka) is the independent client used for
+cross-checks; :func:`kcat_binary` installs it when missing and possible.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+POM = REPO / "tests" / "kafka" / "pom.xml"
+CACHE = Path(os.environ.get("MMPIPE_CACHE", Path.home() / ".cache" / "mmpipe")) / "kafka"
+
+SASL_USER = "mmpipe"
+SASL_PASSWORD = "stream-secret-7d1f"  # test-only credential; the test checks it never reaches a log
+SCRAM_USER = "mmpipe-scram"
+SCRAM_PASSWORD = "scram-secret-41aa"
+
+
+class KafkaUnavailable(RuntimeError):
+    """The broker cannot be fetched or started here (the message says why)."""
+
+
+def kafka_version() -> str:
+    m = re.search(r"<kafka.version>([^<]+)</kafka.version>", POM.read_text())
+    if not m:
+        raise KafkaUnavailable(f"{POM} names no kafka.version")
+    return m.group(1)
+
+
+def kafka_libs() -> Path:
+    """The broker's jar directory, fetched with Maven on first use."""
+    libs = CACHE / kafka_version() / "libs"
+    done = libs / ".complete"
+    if done.is_file():
+        return libs
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise KafkaUnavailable("Maven (mvn) is not installed: it fetches the Kafka broker jars from Maven Central")
+    if shutil.which("java") is None:
+        raise KafkaUnavailable("java is not installed: the Kafka broker needs Java 17+")
+    tmp = libs.with_name(f"libs.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
+           "-DincludeScope=runtime", f"-DoutputDirectory={tmp}"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise KafkaUnavailable("mvn dependency:copy-dependencies timed out after 900 s") from exc
+    if res.returncode != 0 or not any(tmp.glob("kafka_2.13-*.jar")):
+        raise KafkaUnavailable(f"mvn could not fetch the Kafka jars: {(res.stdout + res.stderr)[-1500:]}")
+    (tmp / ".complete").write_text(kafka_version())
+    shutil.rmtree(libs, ignore_errors=True)
+    try:
+        tmp.rename(libs)
+    except OSError:  # another process won the race; its copy is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+    return libs
+
+
+def kcat_binary() -> str | None:
+    """Path of ``kcat`` (or ``kafkacat``), installing Debian's package as root if missing."""
+    for name in ("kcat", "kafkacat"):
+        if found := shutil.which(name):
+            return found
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "kcat"]
+        for update_first in (False, True):
+            if update_first:
+                subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=300, check=False)
+            subprocess.run(cmd, env=env, capture_output=True, timeout=600, check=False)
+            if found := shutil.which("kcat"):
+                return found
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_LOG4J = """\
+status = warn
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = {log}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = {level}
+rootLogger.appenderRef.file.ref = file
+logger.kafka.name = kafka
+logger.kafka.level = {level}
+logger.server.name = kafka.server.KafkaServer
+logger.server.level = INFO
+logger.broker.name = kafka.server.BrokerServer
+logger.broker.level = INFO
+"""
+
+
+class KafkaBroker:
+    """One KRaft broker+controller process on loopback."""
+
+    def __init__(self, root: Path | None = None, *, log_level: str = "WARN") -> None:
+        self.libs = kafka_libs()
+        self.root = Path(root or tempfile.mkdtemp(prefix="mmpipe-kafka-"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port, self.sasl_port, self.controller_port = free_port(), free_port(), free_port()
+        self.log_file = self.root / "broker.log"
+        self.proc: subprocess.Popen | None = None
+        self._console = None
+        data = self.root / "data"
+        jaas = (
+            'org.apache.kafka.common.security.plain.PlainLoginModule required '
+            f'username="{SASL_USER}" password="{SASL_PASSWORD}" user_{SASL_USER}="{SASL_PASSWORD}";'
+        )
+        scram_jaas = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},SASL_PLAINTEXT://127.0.0.1:{self.sasl_port},"
+                         f"CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port},SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,"
+                                              "CONTROLLER:PLAINTEXT",
+            "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config": jaas,
+            "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config": scram_jaas,
+            "log.dirs": str(data),
+            "num.partitions": "1",
+            "auto.create.topics.enable": "false",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "3",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "3",
+            "group.initial.rebalance.delay.ms": "0",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "log.flush.interval.messages": "1",  # survive the broker's own kill in the restart test
+        }
+        self.config = self.root / "server.properties"
+        self.config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        (self.root / "log4j2.properties").write_text(_LOG4J.format(log=self.log_file, level=log_level))
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        # The SCRAM user is created at format time, as the KRaft docs describe.
+        self._java("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(self.config),
+                   "--add-scram", f"SCRAM-SHA-256=[name={SCRAM_USER},password={SCRAM_PASSWORD}]",
+                   timeout=180)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.sasl_port}"
+
+    def _cmd(self, main: str, *args: str) -> list[str]:
+        return [
+            "java", "-Xms128m", "-Xmx768m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+            "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={self.root / 'log4j2.properties'}",
+            "-cp", f"{self.libs}/*", main, *args,
+        ]
+
+    def _java(self, main: str, *args: str, timeout: float) -> None:
+        res = subprocess.run(self._cmd(main, *args), capture_output=True, text=True, timeout=timeout, check=False)
+        if res.returncode != 0:
+            raise KafkaUnavailable(f"{main} {args[0]} failed: {(res.stdout + res.stderr)[-1500:]}")
+
+    def start(self, timeout: float = 180.0) -> None:
+        """Start the broker and wait until a client gets cluster metadata."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self._console = open(self.root / "console.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            self._cmd("kafka.Kafka", str(self.config)), stdout=self._console, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise KafkaUnavailable(f"the broker exited with {self.proc.returncode}: {self.tail()}")
+            if self._ready():
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise KafkaUnavailable(f"the broker was not ready within {timeout:.0f} s: {self.tail()}")
+
+    def _ready(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                pass
+        except OSError:
+            return False
+        from kafka import KafkaAdminClient
+        from kafka.errors import KafkaError
+
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
+        except (KafkaError, OSError, ValueError):
+            return False
+        try:
+            return bool(admin.describe_cluster().get("brokers"))
+        except (KafkaError, OSError, ValueError):
+            return False
+        finally:
+            admin.close()
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop the process (SIGTERM, then SIGKILL after 60 s; ``kill``: SIGKILL at once)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        self.proc = None
+        if self._console is not None:
+            self._console.close()
+            self._console = None
+
+    def create_topics(self, names: list[str], partitions: int = 1) -> None:
+        from kafka import KafkaAdminClient
+        from kafka.admin import NewTopic
+
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=30000)
+        try:
+            admin.create_topics([NewTopic(n, partitions, 1) for n in names], timeout_ms=30000)
+        finally:
+            admin.close()
+
+    def tail(self, n: int = 3000) -> str:
+        text = ""
+        for f in (self.root / "console.log", self.log_file):
+            if f.is_file():
+                text += f.read_text(errors="replace")[-n:]
+        return text
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
