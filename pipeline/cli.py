@@ -439,6 +439,17 @@ examples:
     return p
 
 
+def _dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 PID`` prints every thread's stack to stderr and the
+    process goes on: how to see where a stuck consumer, job or server is
+    waiting without restarting it (stacks hold code locations, no data)."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -446,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.log_level)
+    _dump_stacks_on_sigusr1()
     try:
         return int(args.func(args) or 0)
     except (ConfigError, PackageError, FileNotFoundError, ValueError) as exc:

@@ -127,12 +127,17 @@ class StreamConsumer:
                 # aborts its open transaction.
                 self.producer.init_transactions()
             self.consumer = KafkaConsumer(**client.consumer_kwargs(self.cfg))
-            # Fetch the input topics' metadata before joining: a group leader
-            # that joins without it assigns nothing and may not rejoin.
+            # Subscribe first, then fetch the input topics' metadata, so the
+            # first join already knows their partitions.  The other order
+            # joins on a metadata snapshot that the next refresh (narrowed to
+            # the subscription) replaces, and kafka-python then rebalances a
+            # second time a moment after the first assignment, revoking
+            # partitions whose first batch may already be in flight.  Joining
+            # with no metadata at all assigns nothing at first.
+            self.consumer.subscribe(self.cfg.input_topics, listener=_Listener(self))
             for topic in self.cfg.input_topics:
                 if not self.consumer.partitions_for_topic(topic):
                     raise StreamError(f"input topic {topic!r} does not exist")
-            self.consumer.subscribe(self.cfg.input_topics, listener=_Listener(self))
         except KafkaError as exc:
             raise StreamError(
                 f"cannot connect to Kafka ({type(exc).__name__}): {exc}; check stream.bootstrap_servers, "
