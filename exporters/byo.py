@@ -47,7 +47,7 @@ from exporters import parity
 from exporters.onnx_export import OPSET, ExportError, export_package
 from pipeline.errors import PackageError
 from pipeline.log import log_event
-from pipeline.package import Manifest, ModelPackage, Variant, load_package, write_manifest
+from pipeline.package import Manifest, ModelPackage, Variant, load_package, publish, write_manifest
 from pipeline.signature import SignatureFile, load_signature
 from pipeline.tokenizer import TOKENIZER_FILE
 
@@ -405,14 +405,7 @@ def _staging(sig: SignatureFile, out: Path, *, name: str | None, version: str, s
 
 
 def _publish(tmp: Path, out: Path) -> ModelPackage:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+    publish(tmp, out)
     return load_package(out)
 
 

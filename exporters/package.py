@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.errors import PackageError
 from pipeline.model.config import FusionConfig, signature
-from pipeline.package import Manifest, ModelPackage, Signature, Variant, load_package, write_manifest
+from pipeline.package import Manifest, ModelPackage, Signature, Variant, load_package, publish, write_manifest
 from pipeline.spec import WorkloadSpec
 
 TORCH_FILES = ("model/config.json", "model/model.safetensors")
@@ -58,14 +58,7 @@ def build_package(
             training=training,
         )
         write_manifest(tmp, manifest)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -443,11 +443,14 @@ def _dump_stacks_on_sigusr1() -> None:
     """``kill -USR1 PID`` prints every thread's stack to stderr and the
     process goes on: how to see where a stuck consumer, job or server is
     waiting without restarting it (stacks hold code locations, no data)."""
+    import contextlib
     import faulthandler
     import signal
 
     if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+        # Not when stderr is no real file (mmpipe's main() called in-process).
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -210,20 +210,29 @@ def _set_path(data: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+def read_yaml_mapping(path: str | Path, what: str, *, empty_ok: bool = False) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (config, signature, Serve config),
+    with one wording for the three ways it goes wrong: missing, not YAML, not
+    a mapping.  ``what`` names the file in the message ("config file")."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {p} is not valid YAML: {exc}") from None
+    if data is None and empty_ok:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {p} must hold a mapping at top level")
+    return data
+
+
 def load_settings(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
     """Load settings from an optional YAML file plus ``MMPIPE__*`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at top level")
-        data = loaded
+        data = read_yaml_mapping(path, "config file", empty_ok=True)
     env = dict(os.environ) if env is None else env
     for name, raw in sorted(env.items()):
         if not name.startswith(ENV_PREFIX):

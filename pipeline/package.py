@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -212,3 +213,17 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
     tmp = root / (MANIFEST + ".tmp")
     tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
     tmp.replace(root / MANIFEST)
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move a fully written package directory into place.  Renames only, so a
+    reader sees the old package or the new one, never a half-written one; the
+    old one is removed after the swap."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

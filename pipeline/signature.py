@@ -31,10 +31,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.config import Limits
+from pipeline.config import Limits, read_yaml_mapping
 from pipeline.errors import ConfigError
 from pipeline.package import FEATURES, Signature, TensorSpec
 from pipeline.spec import MODALITY_ORDER, HeadSpec, Privacy, WorkloadSpec
@@ -239,14 +238,7 @@ def load_signature(path: str | Path) -> SignatureFile:
     """Read and check a signature file; relative paths in it resolve against
     its directory.  Raises ConfigError saying what is wrong and where."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"signature file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"signature file {p} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"signature file {p} must be a mapping with workload, inputs and outputs")
+    data = read_yaml_mapping(p, "signature file (workload, inputs, outputs)")
     try:
         sig = SignatureFile.model_validate({**data, "base_dir": p.resolve().parent})
         sig.workload_spec()

@@ -32,8 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from pipeline.config import read_yaml_mapping
 from pipeline.errors import ConfigError
 
 BUILDER = "deploy.serve.app:build_app"
@@ -43,13 +42,8 @@ SHUTDOWN_TIMEOUT_S = 60.0
 def load_serve_config(path: str | Path, base: Path | None = None) -> dict[str, Any]:
     """Read a Serve config and make mmpipe's relative paths absolute."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"serve config not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"serve config {p} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("applications"), list):
+    data = read_yaml_mapping(p, "serve config")
+    if not isinstance(data.get("applications"), list):
         raise ConfigError(f"serve config {p} needs an 'applications' list (Ray Serve's multi-application format)")
     from deploy.serve.config import absolute_packages
 
