@@ -36,3 +36,15 @@ def tiny_packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         train(spec, samples, root / f"trained-{name}", max_steps=3, progress=False)
         out[name] = build_package(root / f"trained-{name}", root / f"pkg-{name}").root
     return out
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory):  # -> Iterator[KafkaBroker]
+    """A real Apache Kafka broker (KRaft) for the module that asks for one;
+    the test fails saying why when it cannot start."""
+    pytest.importorskip("kafka")
+    from tests.integration.stream_helpers import start_broker
+
+    b = start_broker(tmp_path_factory.mktemp("kafka"))
+    yield b
+    b.close()

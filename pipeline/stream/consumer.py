@@ -410,6 +410,7 @@ class StreamConsumer:
             if off is not None:
                 self.consumer.seek(KTP(*tp), off)
         self._rewind_to.clear()
+        self._next_lag = 0.0  # new partitions get a lag reading at the next step, not an interval later
         self.metrics.rebalances.labels(**self.labels, kind="assigned").inc()
         if self.bp.paused and tps:
             self.consumer.pause(*(KTP(t, p) for t, p in tps))

@@ -365,17 +365,12 @@ def test_serve_path_unchanged(ways: dict[str, Way], tmp_path: Path) -> None:
 
 # -- the batch path ----------------------------------------------------------------------------------------------------
 def test_batch_path_unchanged(ways: dict[str, Way], tmp_path: Path) -> None:
-    ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
     from pipeline.batch import JobOptions, run_batch
     from pipeline.batch.output import read_results
+    from tests.integration.batch_helpers import local_ray
 
-    assert not ray.is_initialized()
-    tmp = tempfile.mkdtemp(prefix="mmb-", dir="/tmp")
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *([old] if old else [])])
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, logging_level="WARNING")
+    with local_ray(prefix="mmb-"):
         settings = Settings(engine=EngineConfig(kind="onnxruntime", device="cpu", threads=1))
         settings.batch.progress = False
         for way in WAYS:
@@ -388,13 +383,6 @@ def test_batch_path_unchanged(ways: dict[str, Way], tmp_path: Path) -> None:
             rows = {r["id"]: r for r in read_results(out).to_pylist()}
             want = onnx_predictor(w.package).predict(w.records)
             assert_same([Result.model_validate_json(rows[x.id]["result"]) for x in want], want)
-    finally:
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_reference_is_not_trivial(ways: dict[str, Way]) -> None:

@@ -38,7 +38,6 @@ pytest.importorskip("torch")  # the ONNX export of the tiny packages
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
 from pipeline import sample_data
 from pipeline.batch import JobOptions, run_batch
@@ -48,7 +47,10 @@ from pipeline.engines import create_engine
 from pipeline.package import load_package
 from pipeline.predictor import Predictor
 from pipeline.records import Result
+from tests.integration import batch_helpers
 from tests.integration import triton_server as ts
+from tests.integration.batch_helpers import sample_lines, write_jsonl
+from tests.integration.procs import pids_with
 from tests.integration.pushgateway import Pushgateway, pushgateway_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,23 +69,9 @@ def packages(tiny_packages: dict[str, Path], tmp_path_factory: pytest.TempPathFa
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    """One local Ray for the module, in a private temp dir (other clusters on
-    this machine are never touched); the job reuses it."""
-    assert not ray.is_initialized()
-    tmp = tempfile.mkdtemp(prefix="mmray-t-", dir="/tmp")
-    old = os.environ.get("PYTHONPATH")
-    # Ray's workers inherit the environment: they import this checkout.
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *([old] if old else [])])
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, logging_level="WARNING")
+    """One local Ray for the module, in a private temp dir; the jobs reuse it."""
+    with batch_helpers.local_ray():
         yield
-    finally:
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def settings_for(media_root: Path | None = None, **batch) -> Settings:
@@ -93,39 +81,6 @@ def settings_for(media_root: Path | None = None, **batch) -> Settings:
         batch=BatchConfig(**{"batch_size": 8, "shard_bytes": 96 * 1024, "shard_rows": 8, "progress": False,
                              **batch}),
     )
-
-
-def jsonable(rec: dict) -> dict:
-    return {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in rec.items()}
-
-
-def write_jsonl(path: Path, lines: list[bytes]) -> dict[int, bytes]:
-    """Write lines; returns byte offset -> line (what error rows' position is)."""
-    offsets, pos = {}, 0
-    with path.open("wb") as fh:
-        for line in lines:
-            offsets[pos] = line
-            fh.write(line + b"\n")
-            pos += len(line) + 1
-    return offsets
-
-
-def sample_lines(workload: str, n: int, seed: int) -> tuple[list[bytes], dict[bytes, str]]:
-    """Good records and broken ones interleaved, as JSONL lines; and the
-    reason code each broken line must get."""
-    good = [json.dumps(jsonable(s.record)).encode() for s in sample_data.generate(workload, n, seed=seed,
-                                                                                  missing_rate=0.3)]
-    broken: dict[bytes, str] = {}
-    for rec, code in sample_data.broken_records(workload, seed):
-        line = bytes(rec).replace(b"\n", b" ") if isinstance(rec, bytes) else json.dumps(jsonable(rec)).encode()
-        broken[line] = code
-    lines: list[bytes] = []
-    bl = list(broken)
-    for i, g in enumerate(good):
-        lines.append(g)
-        if i % 3 == 0 and bl:
-            lines.append(bl.pop())
-    return lines + bl, broken
 
 
 def reference(pkg_dir: Path, raws: list, media: MediaConfig | None = None) -> list[Result]:
@@ -318,20 +273,6 @@ def test_rerun_replaces_atomically_and_resume_skips_done_inputs(packages, local_
     assert fourth["records_in"] == len(lines) and read_results(out).num_rows == len(res)
 
 
-def _ours(marker: str) -> list[int]:
-    """Pids of processes whose command line names ``marker`` (our job's own
-    Ray temp dir): the only processes this test may kill."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if marker.encode() in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                continue
-    return pids
-
-
 def test_killed_driver_publishes_nothing_and_resume_finishes(packages, local_ray, tmp_path) -> None:
     pkg = str(packages["media"])
     lines, broken = sample_lines("media", 60, seed=7)
@@ -365,7 +306,7 @@ def test_killed_driver_publishes_nothing_and_resume_finishes(packages, local_ray
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
-        for pid in _ours(ray_tmp):  # the killed driver's own Ray processes
+        for pid in pids_with(ray_tmp):  # the killed driver's own Ray processes
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -27,14 +27,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +49,7 @@ from pipeline.postprocess import head_result
 from pipeline.predictor import Predictor
 from pipeline.records import Result
 from tests.integration.prometheus import PrometheusServer, prometheus_binary
+from tests.integration.serve_helpers import Server, free_port, running_serve, serve_app
 
 pytest.importorskip("ray.serve", reason="Serve tests need ray[serve]")
 pytest.importorskip("onnxruntime")
@@ -68,12 +67,6 @@ MARKER = "zebra-quartz-7731"
 
 
 # -- fixtures -------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def package_dirs(tiny_packages: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """ONNX-exported copies of the tiny packages, plus a tampered one."""
@@ -98,73 +91,19 @@ def packages(package_dirs: dict[str, Path]) -> dict[str, ModelPackage]:
 
 
 def _app(name: str, prefix: str, models: list[dict], deployments: list[str]) -> dict:
-    small = {"num_cpus": 0.1, "num_gpus": 0}
-    deps = [{"name": "ingress", "ray_actor_options": small}]
-    for d in deployments:
-        deps.append({
-            "name": d, "ray_actor_options": small, "max_ongoing_requests": 64,
-            "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 32},
-            # A generous window so the concurrent test requests visibly batch.
-            "user_config": {"max_batch_size": 32, "batch_wait_timeout_s": 0.1},
-        })
-    return {
-        "name": name, "route_prefix": prefix, "import_path": "deploy.serve.app:build_app",
-        "args": {"models": models, "settings": {
-            "log_level": "DEBUG", "limits": {"max_request_bytes": MAX_BODY, "max_batch_records": MAX_RECORDS}}},
-        "deployments": deps,
-    }
-
-
-@dataclass
-class Server:
-    url: str
-    hostport: str
-    proc: subprocess.Popen
-    log: Path
-    ray_tmp: Path
+    return serve_app(name, prefix, models, deployments, settings={
+        "log_level": "DEBUG", "limits": {"max_request_bytes": MAX_BODY, "max_batch_records": MAX_RECORDS}})
 
 
 @pytest.fixture(scope="module")
 def server(package_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    work = tmp_path_factory.mktemp("serve")
-    port = _free_port()
-    config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [
-            _app("mmpipe", "/", [{"package": str(package_dirs[w])} for w in WORKLOADS],
-                 ["medical-fusion", "retail-fusion"]),
-            _app("broken", "/broken", [{"package": str(package_dirs["broken"])}], ["retail-fusion"]),
-        ],
-    }
-    cfg = work / "serve.yaml"
-    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
-    # Ray's socket paths must stay under 107 characters: a short temp dir.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="mmr", dir="/tmp"))
-    log = work / "serve.log"
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "deploy.serve.cli", "--config", str(cfg), "--num-cpus", "2"],
-            cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
-    srv = Server(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", proc, log, ray_tmp)
-    try:
-        deadline = time.monotonic() + 300
-        while not re.search(r"^ready", log.read_text(errors="replace"), re.M):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mmpipe serve did not start (rc={proc.poll()}):\n{log.read_text()[-6000:]}")
-            time.sleep(0.5)
+    apps = [
+        _app("mmpipe", "/", [{"package": str(package_dirs[w])} for w in WORKLOADS],
+             ["medical-fusion", "retail-fusion"]),
+        _app("broken", "/broken", [{"package": str(package_dirs["broken"])}], ["retail-fusion"]),
+    ]
+    with running_serve(apps, tmp_path_factory.mktemp("serve")) as srv:
         yield srv
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(90)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # the CLI's own session: Ray's daemons it started
-                proc.wait(10)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -646,7 +585,7 @@ def test_a_config_that_fails_to_deploy_exits_1(package_dirs: dict[str, Path], tm
     Serve controller as the command's error, and Ray is shut down."""
     models = [{"package": str(package_dirs["medical"]), "name": "a", "workload": "retail"},
               {"package": str(package_dirs["retail"]), "name": "b", "workload": "retail"}]
-    config = {"http_options": {"host": "127.0.0.1", "port": _free_port()},
+    config = {"http_options": {"host": "127.0.0.1", "port": free_port()},
               "applications": [_app("dup", "/", models, [])]}
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(yaml.safe_dump(config))

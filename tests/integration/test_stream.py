@@ -9,72 +9,58 @@ same records, so a stream result must equal what every other path gives.
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 pytest.importorskip("kafka")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")  # the ONNX export of the tiny packages
 
-from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client import CollectorRegistry
 
 from pipeline import sample_data
-from pipeline.config import EngineConfig, load_settings
+from pipeline.config import EngineConfig
 from pipeline.engines import create_engine
 from pipeline.metrics import get_metrics
 from pipeline.package import load_package
 from pipeline.predictor import Predictor
 from pipeline.records import Result
-from pipeline.stream.consumer import StreamConsumer, StreamError
+from pipeline.stream.consumer import StreamError
 from tests.integration.kafka_broker import (
     SASL_PASSWORD,
     SASL_USER,
     SCRAM_PASSWORD,
     SCRAM_USER,
-    KafkaBroker,
-    KafkaUnavailable,
     free_port,
     kcat_binary,
 )
+from tests.integration.stream_helpers import (
+    Reader,
+    StreamProc,
+    assert_same,
+    good_records,
+    ids_of,
+    jsonable,
+    metric,
+    produce,
+    run_inprocess,
+    scrape_until,
+    settings_for,
+    start_broker,
+    topics,
+)
 from tests.integration.triton_server import onnx_package
 
-REPO = Path(__file__).resolve().parents[2]
 WORKLOADS = ("medical", "retail", "media")
-PROB_TOL = 1e-4
 
 
 # -- fixtures -------------------------------------------------------------------------------------------
-def _start_broker(root: Path) -> KafkaBroker:
-    try:
-        broker = KafkaBroker(root)
-        broker.start()
-    except KafkaUnavailable as exc:
-        pytest.fail(f"the Apache Kafka broker could not be started: {exc}")
-    return broker
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
-    b = _start_broker(tmp_path_factory.mktemp("kafka"))
-    yield b
-    b.close()
-
-
 @pytest.fixture(scope="module")
 def packages(tiny_packages: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.getbasetemp() / "onnx-packages"
@@ -89,184 +75,6 @@ def predictors(packages: dict[str, Path]) -> dict[str, Predictor]:
         out[w] = Predictor(pkg, create_engine(pkg, EngineConfig(kind="onnxruntime", device="cpu", threads=1)),
                            metrics=get_metrics(CollectorRegistry()))
     return out
-
-
-# -- helpers ----------------------------------------------------------------------------------------------
-def jsonable(rec: dict) -> dict:
-    return {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in rec.items()}
-
-
-def good_records(workload: str, n: int, seed: int, prefix: str) -> list[dict]:
-    recs = [jsonable(s.record) for s in sample_data.generate(workload, n, seed=seed, missing_rate=0.3)]
-    return [{**r, "id": f"{prefix}-{i}"} for i, r in enumerate(recs)]
-
-
-def topics(broker: KafkaBroker, partitions: int = 2) -> tuple[str, str, str]:
-    tag = uuid.uuid4().hex[:8]
-    names = (f"in-{tag}", f"out-{tag}", f"dlq-{tag}")
-    broker.create_topics([names[0]], partitions)
-    broker.create_topics(list(names[1:]), 1)
-    return names
-
-
-def produce(bootstrap: str, topic: str, values: list[bytes], keys: list[bytes | None] | None = None,
-            delay_s: float = 0.0) -> None:
-    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    for i, v in enumerate(values):
-        p.send(topic, value=v, key=keys[i] if keys else None)
-        if delay_s:
-            time.sleep(delay_s)
-    p.flush()
-    p.close()
-
-
-class Reader:
-    """Reads topics from the beginning and keeps everything it saw."""
-
-    def __init__(self, bootstrap: str, *topic_names: str, read_committed: bool = False) -> None:
-        self.consumer = KafkaConsumer(
-            *topic_names, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-            enable_auto_commit=False, isolation_level="read_committed" if read_committed else "read_uncommitted",
-        )
-        self.messages: list[Any] = []
-
-    def wait(self, done: Callable[[list[Any]], bool], timeout: float) -> list[Any]:
-        deadline = time.monotonic() + timeout
-        while not done(self.messages) and time.monotonic() < deadline:
-            for msgs in self.consumer.poll(timeout_ms=500).values():
-                self.messages.extend(msgs)
-        return self.messages
-
-    def of(self, topic: str) -> list[Any]:
-        return [m for m in self.messages if m.topic == topic]
-
-    def close(self) -> None:
-        self.consumer.close()
-
-
-def ids_of(msgs: list[Any]) -> list[str]:
-    return [m.key.decode() for m in msgs]
-
-
-def settings_for(broker: KafkaBroker, package: Path, names: tuple[str, str, str], **stream: Any) -> dict:
-    return {
-        "model_package": str(package),
-        "engine": {"kind": "onnxruntime", "threads": 1},
-        "stream": {"bootstrap_servers": [broker.bootstrap], "group_id": f"g-{names[0]}",
-                   "input_topics": [names[0]], "output_topic": names[1], "dlq_topic": names[2],
-                   "max_batch_records": 8, "max_wait_ms": 20, "session_timeout_ms": 6000, **stream},
-    }
-
-
-def run_inprocess(cfg: dict, tmp: Path, *, expect: int | None = None, idle_s: float = 30.0,
-                  env: dict[str, str] | None = None) -> tuple[StreamConsumer, CollectorRegistry]:
-    """Run a consumer in this process until it handled ``expect`` records
-    (then a graceful stop), or until it has been idle for ``idle_s``."""
-    path = tmp / f"stream-{uuid.uuid4().hex[:6]}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    settings = load_settings(path, env=env or {})
-    registry = CollectorRegistry()
-    pkg = load_package(settings.model_package)
-    pred = Predictor(pkg, create_engine(pkg, settings.engine), path="stream", metrics=get_metrics(registry),
-                     batch_size=settings.predict.batch_size)
-    consumer = StreamConsumer(settings, pred, exit_when_idle_s=idle_s)
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["rc"] = consumer.run()
-        except BaseException as exc:
-            outcome["exc"] = exc
-
-    th = threading.Thread(target=target, daemon=True)
-    th.start()
-    deadline = time.monotonic() + 120
-    while th.is_alive() and time.monotonic() < deadline:
-        if expect is not None and consumer.counts["results"] + consumer.counts["dlq"] >= expect:
-            consumer.stop()
-        th.join(0.1)
-    consumer.stop()
-    th.join(60)
-    pred.close()
-    if "exc" in outcome:
-        raise outcome["exc"]
-    assert outcome.get("rc") == 0
-    return consumer, registry
-
-
-def assert_same(got: list[Result], want: list[Result]) -> None:
-    assert [r.id for r in got] == [r.id for r in want]
-    for g, w in zip(got, want, strict=True):
-        assert g.error is None and w.error is None and g.heads is not None and w.heads is not None
-        for name, wh in w.heads.items():
-            gh = g.heads[name]
-            assert [ls.label for ls in gh.labels] == [ls.label for ls in wh.labels], (g.id, name)
-            for lab, score in wh.scores.items():
-                assert abs(gh.scores[lab] - score) <= PROB_TOL, (g.id, name, lab)
-
-
-def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    total = 0.0
-    for fam in registry.collect():
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
-
-
-class StreamProc:
-    """``mmpipe stream`` as a subprocess, its JSON logs in a file."""
-
-    def __init__(self, cfg: dict, tmp: Path, name: str, *, metrics_port: int | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
-        cfg = {**cfg, "metrics": {"enabled": True, "port": metrics_port}} if metrics_port else cfg
-        self.config = tmp / f"{name}.yaml"
-        self.config.write_text(yaml.safe_dump(cfg))
-        self.log = tmp / f"{name}.log"
-        env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
-        self._fh = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "--log-level", "INFO", "stream", "--config", str(self.config)],
-            cwd=REPO, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
-        )
-
-    def events(self, name: str) -> list[dict]:
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                try:
-                    ev = json.loads(line)
-                except ValueError:
-                    continue
-                if ev.get("event") == name:
-                    out.append(ev)
-        return out
-
-    def wait_event(self, name: str, timeout: float, pred: Callable[[dict], bool] = lambda e: True) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for ev in self.events(name):
-                if pred(ev):
-                    return ev
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        raise AssertionError(f"no {name} event within {timeout}s; log tail:\n{self.log.read_text()[-3000:]}")
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 60) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        finally:
-            self._fh.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-        self._fh.close()
 
 
 # -- tests -------------------------------------------------------------------------------------------------------
@@ -369,7 +177,7 @@ def _kill9_and_restart(broker, packages, tmp_path, exactly_once: bool) -> tuple[
         first.wait_event("partitions_assigned", 120)
         producer.start()
         reader.wait(lambda m: len(m) >= 30, 120)
-        assert len(reader.messages) >= 30, first.log.read_text()[-3000:]
+        assert len(reader.messages) >= 30, first.diagnose()
         first.proc.send_signal(signal.SIGKILL)  # kill -9: no drain, no commit, no leave
         first.wait(30)
     finally:
@@ -421,9 +229,9 @@ def test_two_members_share_partitions_and_one_takes_over(broker, packages, tmp_p
         assert {r["id"] for r in first} <= set(ids_of(reader.messages))
         parts = {int(dict(m.headers)["mmpipe-source-partition"]) for m in reader.messages}
         assert parts == {0, 1, 2, 3}
-        scraped = urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/metrics", timeout=10).read().decode()
+        scraped = scrape_until(ports[0], "mmpipe_consumer_lag{", 30)
         assert 'mmpipe_records_total{model=' in scraped and 'path="stream"' in scraped
-        assert "mmpipe_consumer_lag{" in scraped
+        assert "mmpipe_consumer_lag{" in scraped, "the lag gauge (updated every lag_interval_s) never appeared"
         # a leaves the group gracefully; b must take over all four partitions.
         a.signal(signal.SIGTERM)
         assert a.wait(60) == 0
@@ -444,7 +252,7 @@ def test_two_members_share_partitions_and_one_takes_over(broker, packages, tmp_p
 
 
 def test_broker_restart_during_consumption_loses_nothing(packages, tmp_path) -> None:
-    own = _start_broker(tmp_path / "kafka")
+    own = start_broker(tmp_path / "kafka")
     try:
         names = topics(own, partitions=2)
         cfg = settings_for(own, packages["retail"], names)
