@@ -53,14 +53,22 @@ def cached_package(spec: WorkloadSpec, retrain: bool = False) -> tuple[Path, dic
     target = cache_root() / "models" / f"{spec.name}-{_code_digest()}"
     if (target / "package" / "manifest.json").is_file() and not retrain:
         return target / "package", json.loads((target / "trained" / "training.json").read_text())
-    tmp = target.with_name(target.name + ".tmp")
+    # A private temp dir per process: two processes building the same model
+    # at once (a test run beside a benchmark) must not delete each other's.
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     samples = sample_data.generate(spec.name, TRAIN_RECORDS, seed=TRAIN_SEED)
     report = train(spec, samples, tmp / "trained")
     build_package(tmp / "trained", tmp / "package", version="demo")
     export_package(tmp / "package", ("fp32", "int8"))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    if retrain or not (target / "package" / "manifest.json").is_file():
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first: its model is as good (same code, same seed)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "package" / "manifest.json").is_file():
+            raise
     return target / "package", dict(report.__dict__)
 
 

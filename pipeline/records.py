@@ -220,3 +220,20 @@ def record_to_json(rec: Record) -> dict[str, Any]:
         if isinstance(out.get(f), (bytes, bytearray)):
             out[f] = base64.b64encode(out[f]).decode("ascii")
     return out
+
+
+def record_bytes(raw: bytes | str | dict[str, Any] | Record) -> bytes:
+    """A raw record as the bytes every wire carries (a Kafka value, a JSONL
+    line, an HTTP body), so a tool can send the same record down any path.
+
+    Bytes pass through untouched (a broken record stays broken in the same
+    way); a dict's media bytes become base64 and nothing else changes, so
+    validation still happens where the record lands, not here."""
+    if isinstance(raw, (bytes, bytearray)):
+        return bytes(raw)
+    if isinstance(raw, str):
+        return raw.encode("utf-8", "surrogatepass")
+    if isinstance(raw, Record):
+        raw = record_to_json(raw)
+    out = {k: base64.b64encode(v).decode("ascii") if isinstance(v, (bytes, bytearray)) else v for k, v in raw.items()}
+    return json.dumps(out, separators=(",", ":")).encode()

@@ -17,17 +17,25 @@ against any other path.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import threading
+import time
+import urllib.error
 import urllib.request
+import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from exporters.parity import TOLERANCES, Tolerance
 from pipeline.config import EngineConfig, Settings
 from pipeline.engines import create_engine
 from pipeline.package import ModelPackage
-from pipeline.predictor import Predictor
-from pipeline.records import Result
+from pipeline.predictor import Predictor, _guess_id
+from pipeline.records import ErrorInfo, Result, record_bytes
 
 Runner = Callable[[Sequence[Any]], list[Result]]
 
@@ -48,6 +56,7 @@ class PathRun:
     variant: str
     results: dict[str, Result] = field(default_factory=dict)
     error: str | None = None
+    seconds: float = 0.0
 
 
 @dataclass
@@ -124,13 +133,41 @@ def run_paths(paths: Sequence[PathSpec], records: Sequence[Any]) -> list[PathRun
     runs = []
     for p in paths:
         run = PathRun(p.name, p.variant)
+        t0 = time.perf_counter()
         try:
             for res in p.run(records):
                 run.results[res.id] = res
         except Exception as exc:  # reported in the matrix
             run.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        run.seconds = time.perf_counter() - t0
         runs.append(run)
     return runs
+
+
+def merge_runs(groups: Sequence[Sequence[PathRun]]) -> list[PathRun]:
+    """One run per path over several packages (say one per workload): the
+    matrix then covers every record of every package.  A path that failed
+    for one package is failed as a whole, since its cells would only cover
+    part of the records."""
+    merged: dict[str, PathRun] = {}
+    for runs in groups:
+        for r in runs:
+            m = merged.setdefault(r.name, PathRun(r.name, r.variant))
+            if m.variant != r.variant:
+                raise ValueError(f"path {r.name} serves {m.variant} for one package and {r.variant} for another")
+            m.results.update(r.results)
+            m.error = m.error or r.error
+            m.seconds += r.seconds
+    return list(merged.values())
+
+
+def id_problems(records: Sequence[Any]) -> tuple[int, int]:
+    """(records without an id, records whose id another record has).  Paths
+    are compared record by record through the id, so such records are
+    compared as one: the warning says how many."""
+    ids = [_guess_id(r) for r in records]
+    counts = Counter(i for i in ids if i is not None)
+    return sum(i is None for i in ids), sum(c for c in counts.values() if c > 1)
 
 
 def report(runs: Sequence[PathRun]) -> dict[str, Any]:
@@ -141,7 +178,8 @@ def report(runs: Sequence[PathRun]) -> dict[str, Any]:
              for i, a in enumerate(ok_runs) for b in ok_runs[i + 1:]}
     return {
         "paths": {r.name: {"variant": r.variant, "results": len(r.results),
-                           "errors": sum(not x.ok for x in r.results.values()), "failed": r.error}
+                           "errors": sum(not x.ok for x in r.results.values()), "failed": r.error,
+                           "seconds": round(r.seconds, 3)}
                   for r in runs},
         "pairs": cells,
         "passed": all(r.error is None for r in runs) and all(c["passed"] for c in cells.values()),
@@ -194,21 +232,234 @@ def predictor_path(name: str, variant: str, package: ModelPackage, engine: Engin
 
 
 def serve_v1_path(url: str, workload: str, timeout_s: float = 60.0, chunk: int = 32) -> PathSpec:
-    """Ray Serve's friendly endpoint, ``POST /v1/{workload}/predict``."""
+    """Ray Serve's friendly endpoint, ``POST /v1/{workload}/predict``.
+
+    Records go in batches (``{"records": [...]}``).  Bytes that are not JSON
+    cannot travel inside a batch: such a record is sent alone as the whole
+    body, and the server's rejection (a 4xx with a reason code) is that
+    record's answer, as a client would see it."""
+    endpoint = f"{url.rstrip('/')}/v1/{workload}/predict"
+
+    def post(body: bytes) -> tuple[int, Any]:
+        req = urllib.request.Request(endpoint, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            text = exc.read()
+            try:
+                return exc.code, json.loads(text)
+            except ValueError:
+                raise RuntimeError(f"{endpoint} answered {exc.code}: {text[:200]!r}") from None
 
     def run(records: Sequence[Any]) -> list[Result]:
         out: list[Result] = []
-        for i in range(0, len(records), chunk):
-            body = json.dumps({"records": [r if isinstance(r, dict) else json.loads(r)
-                                           for r in records[i:i + chunk]]}).encode()
-            req = urllib.request.Request(f"{url.rstrip('/')}/v1/{workload}/predict", data=body,
-                                         headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-                doc = json.loads(resp.read())
+        pending: list[Any] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            status, doc = post(json.dumps({"records": pending}).encode())
+            if status != 200:
+                raise RuntimeError(f"{endpoint} answered {status} to a batch of {len(pending)}: {doc}")
             out.extend(Result.model_validate(r) for r in doc["results"])
+            pending.clear()
+
+        for raw in records:
+            wire = record_bytes(raw)
+            try:
+                pending.append(json.loads(wire.decode("utf-8")))
+                alone = False
+            except ValueError:  # not JSON (or not UTF-8): alone, as the whole body
+                alone = True
+            if alone:
+                status, doc = post(wire)
+                err = doc.get("error") if isinstance(doc, dict) else None
+                if status == 200:
+                    out.append(Result.model_validate(doc))
+                elif 400 <= status < 500 and isinstance(err, dict):
+                    out.append(Result(id=_guess_id(wire) or "", workload=workload, model="", model_version="",
+                                      error=ErrorInfo(code=str(err.get("code")), message=str(err.get("message")))))
+                else:
+                    raise RuntimeError(f"{endpoint} answered {status}: {doc}")
+            if len(pending) >= chunk:
+                flush()
+        flush()
         return out
 
     return PathSpec("serve-v1", "fp32", run)
+
+
+def _pinned(settings: Settings, package: ModelPackage) -> tuple[Settings, str]:
+    """Settings for a path that builds its own engine (batch actors, a
+    stream consumer), with the engine pinned to known numbers, and the
+    variant those are.  ``auto`` becomes ONNX Runtime fp32 (PyTorch without
+    an ONNX export): on a GPU ``auto`` could pick fp16, which the fp32
+    tolerance would then judge.  An explicit variant is kept and judged as
+    that variant."""
+    eng = settings.engine
+    kind = eng.kind
+    if kind == "auto":
+        kind = "onnxruntime" if "onnx-fp32" in package.manifest.variants else "torch"
+    variant = eng.variant if kind == "onnxruntime" and eng.variant != "auto" else "fp32"
+    update: dict[str, Any] = {"kind": kind}
+    if kind == "onnxruntime":
+        update["variant"] = variant
+    return settings.model_copy(update={"engine": eng.model_copy(update=update)}), variant
+
+
+def batch_path(package: ModelPackage, settings: Settings, *, workdir: str | Path | None = None) -> PathSpec:
+    """The Ray Data batch job (``mmpipe batch``): the records written to a
+    JSONL file, the job run on a local Ray (or the cluster ``RAY_ADDRESS``
+    names, or the Ray already initialised in this process), its published
+    Parquet results and error rows read back.  Everything lives in a
+    temporary directory (under ``workdir`` if given; on a remote cluster it
+    must be a path the workers see) removed afterwards."""
+    pinned, variant = _pinned(settings, package)
+    pinned = pinned.model_copy(update={"batch": pinned.batch.model_copy(update={"progress": False})})
+
+    def run(records: Sequence[Any]) -> list[Result]:
+        from pipeline.batch import JobOptions, run_batch
+        from pipeline.batch.output import read_as_results
+
+        tmp = Path(tempfile.mkdtemp(prefix="mmpipe-verify-batch-", dir=workdir))
+        try:
+            src = tmp / "records.jsonl"
+            with src.open("wb") as fh:
+                for i, raw in enumerate(records):
+                    line = record_bytes(raw)
+                    if b"\n" in line:
+                        raise ValueError(f"record {i} holds a raw newline: it cannot be one JSONL line")
+                    fh.write(line + b"\n")
+            run_batch(pinned, JobOptions(input=str(src), output=str(tmp / "out"), package=str(package.root),
+                                         progress=False))
+            return read_as_results(tmp / "out")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return PathSpec("batch", variant, run)
+
+
+def stream_path(package: ModelPackage, settings: Settings, *, external: bool = False,
+                timeout_s: float = 300.0) -> PathSpec:
+    """The Kafka stream (``mmpipe stream``).  Connection, topics and security
+    come from ``settings.stream`` (so SASL/SSL secrets come from the
+    environment as for the stream itself).  Each record is produced to the
+    first input topic keyed by its id; answers are read from the output
+    topic and the dead-letter topic (a dead letter becomes an error result
+    with its reason code) from their ends as they were before producing.
+
+    By default a :class:`~pipeline.stream.consumer.StreamConsumer`, the code
+    ``mmpipe stream`` runs, handles them in this process in a consumer
+    group of its own whose offsets start at the input's end, so only these
+    records are processed.  ``external``: a ``mmpipe stream`` already
+    running on those topics handles them (its engine settings are its own:
+    the path is judged as this config's variant)."""
+    cfg = settings.stream
+    missing = [n for n in ("input_topics", "output_topic", "dlq_topic") if not getattr(cfg, n)]
+    if missing:
+        raise ValueError(f"the Kafka path needs {', '.join('stream.' + m for m in missing)}")
+    pinned, variant = _pinned(settings, package)
+
+    def run(records: Sequence[Any]) -> list[Result]:
+        from kafka import KafkaConsumer, KafkaProducer
+
+        from pipeline.stream import client
+        from pipeline.stream.stages import result_of_message
+
+        assert cfg.output_topic is not None and cfg.dlq_topic is not None
+        topic = cfg.input_topics[0]
+        conn = {"bootstrap_servers": cfg.bootstrap_servers, "client_id": client.client_id(cfg),
+                **client.security_kwargs(cfg)}
+
+        reader = KafkaConsumer(group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+                               isolation_level="read_committed" if cfg.exactly_once else "read_uncommitted", **conn)
+        stop: Callable[[], None] = lambda: None  # noqa: E731
+        worker: threading.Thread | None = None
+        failure: list[BaseException] = []
+        try:
+            tps = _partitions(reader, cfg.output_topic) + _partitions(reader, cfg.dlq_topic)
+            reader.assign(tps)
+            reader.seek_to_end(*tps)
+            for tp in tps:
+                reader.position(tp)  # resolve the end now, before anything is produced
+            if not external:
+                stop, worker = _start_consumer(pinned, package, conn, topic, failure)
+            producer = KafkaProducer(**client.producer_kwargs(cfg.model_copy(update={"exactly_once": False})))
+            want: set[str] = set()
+            try:
+                for raw in records:
+                    rid = _guess_id(raw) or ""
+                    want.add(rid)
+                    producer.send(topic, key=rid.encode(), value=record_bytes(raw))
+                producer.flush()
+            finally:
+                producer.close()
+            got: dict[str, Result] = {}
+            deadline = time.monotonic() + timeout_s
+            while want - got.keys() and time.monotonic() < deadline and not failure:
+                for msgs in reader.poll(timeout_ms=500).values():
+                    for m in msgs:
+                        res = result_of_message(m.key, m.value, m.headers, dead_letter=m.topic == cfg.dlq_topic)
+                        if res.id in want:
+                            got.setdefault(res.id, res)  # a redelivered duplicate says the same
+            if failure:
+                raise failure[0]
+            return list(got.values())  # a record never answered is reported missing (a loss)
+        finally:
+            stop()
+            if worker is not None:
+                worker.join(120)
+            reader.close()
+
+    return PathSpec("stream", variant, run)
+
+
+def _partitions(consumer: Any, topic: str) -> list[Any]:
+    from kafka import TopicPartition
+
+    parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        raise RuntimeError(f"topic {topic!r} does not exist (create it; auto-creation is not relied on)")
+    return [TopicPartition(topic, p) for p in sorted(parts)]
+
+
+def _start_consumer(settings: Settings, package: ModelPackage, conn: dict[str, Any], topic: str,
+                    failure: list[BaseException]) -> tuple[Callable[[], None], threading.Thread]:
+    """A StreamConsumer in a thread, in a fresh group whose committed
+    offsets are the input topic's current end (so it reads only what is
+    produced next, whatever the topic held before)."""
+    from kafka import KafkaConsumer, OffsetAndMetadata
+
+    from pipeline.stream.consumer import StreamConsumer
+
+    group = f"mmpipe-verify-{uuid.uuid4().hex[:12]}"
+    setter = KafkaConsumer(group_id=group, enable_auto_commit=False, **conn)
+    try:
+        tps = _partitions(setter, topic)
+        setter.assign(tps)
+        setter.seek_to_end(*tps)
+        setter.commit({tp: OffsetAndMetadata(setter.position(tp), "", -1) for tp in tps})
+    finally:
+        setter.close()
+    # The configured transactional_id belongs to the running members: reusing
+    # it would fence them.  None gives this group's own (mmpipe-GROUP-HOST).
+    local = settings.model_copy(update={"stream": settings.stream.model_copy(
+        update={"group_id": group, "input_topics": [topic], "transactional_id": None})})
+    predictor = Predictor.from_settings(local, str(package.root), path="stream")
+    consumer = StreamConsumer(local, predictor)
+
+    def target() -> None:
+        try:
+            consumer.run()
+        except BaseException as exc:  # reported by the path, the matrix shows it
+            failure.append(exc)
+        finally:
+            predictor.close()
+
+    th = threading.Thread(target=target, name="mmpipe-verify-stream", daemon=True)
+    th.start()
+    return consumer.stop, th
 
 
 def package_paths(package: ModelPackage, settings: Settings, *, torch: bool = True) -> list[PathSpec]:
@@ -264,17 +515,39 @@ def cmd_verify(args: Any) -> int:
     settings = load_settings(args.config)
     package = load_package(args.package)
     records = _records(args.records, package, args.n)
+    no_id, shared = id_problems(records)
+    if no_id or shared:
+        print(f"warning: {no_id} records have no id and {shared} share one with another record; paths are "
+              "compared by record id, so those are compared as one")
     paths = package_paths(package, settings, torch=not args.no_torch)
     if args.serve_url:
         host = args.serve_url.split("://", 1)[-1].rstrip("/")
-        paths.append(serve_v1_path(args.serve_url, package.spec.name))
+        paths.append(serve_v1_path(args.serve_url, package.spec.name, timeout_s=args.timeout))
         paths.append(oip_path("serve-v2", package, settings, host, "http", args.serve_model or package.name))
     if args.triton_url:
         paths.append(oip_path("triton-grpc", package, settings, args.triton_url, "grpc",
                               args.triton_model or package.name))
+    if args.batch:
+        paths.append(batch_path(package, settings))
+    if args.kafka is not None:
+        update: dict[str, Any] = {}
+        if args.kafka:
+            update["bootstrap_servers"] = [x.strip() for x in args.kafka.split(",") if x.strip()]
+        if args.kafka_input:
+            update["input_topics"] = [args.kafka_input]
+        if args.kafka_output:
+            update["output_topic"] = args.kafka_output
+        if args.kafka_dlq:
+            update["dlq_topic"] = args.kafka_dlq
+        stream_settings = settings.model_copy(update={"stream": settings.stream.model_copy(update=update)})
+        try:
+            paths.append(stream_path(package, stream_settings, external=args.kafka_external,
+                                     timeout_s=args.timeout))
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc} (--kafka-input / --kafka-output / --kafka-dlq, or the config)") from None
     if len(paths) < 2:
         raise SystemExit("fewer than two paths to compare: export the package to ONNX "
-                         "(mmpipe export) or pass --serve-url / --triton-url")
+                         "(mmpipe export) or name a server or path (--serve-url, --triton-url, --batch, --kafka)")
     runs = run_paths(paths, records)
     print(format_matrix(runs))
     rep = report(runs)
@@ -293,26 +566,63 @@ def add_parser(sub: Any) -> None:
         help="check that every path gives the same answers for a package",
         description="Send one set of records through every configured path and compare the\n"
         "answers path by path: labels must be identical and scores within the\n"
-        "tolerance of the variant (fp32 1e-4; fp16 0.02 and int8 0.15 with 99%% label\n"
-        "agreement).  In-process paths are always checked: PyTorch (if the package\n"
-        "has weights and torch is installed) and every exported ONNX variant.\n"
-        "Servers are checked when named: Ray Serve (both /v1 and the Open Inference\n"
-        "Protocol) and Triton (gRPC).  Prints a path x path matrix of the largest\n"
-        "score difference and the label agreement; exits 3 when a pair disagrees.",
+        "tolerance of the variant (fp32 1e-4; fp16 0.02 and int8 0.15 with 99% label\n"
+        "agreement); a record one path rejects must be rejected by every path with the\n"
+        "same reason code, and a record a path never answers counts as lost.\n"
+        "\n"
+        "Always checked, in this process: PyTorch (if the package has weights and torch\n"
+        "is installed) and every exported ONNX variant.  Checked when asked:\n"
+        "  --serve-url    a running Ray Serve app: /v1/{workload}/predict and the Open\n"
+        "                 Inference Protocol (/v2, fed tensors like a Triton client)\n"
+        "  --triton-url   a Triton server over gRPC\n"
+        "  --batch        the Ray Data batch job (mmpipe batch) on a local Ray, or on the\n"
+        "                 cluster RAY_ADDRESS names; results read back from its Parquet\n"
+        "  --kafka        the Kafka stream: records produced to the input topic keyed by\n"
+        "                 id, answers read from the output and dead-letter topics; a\n"
+        "                 stream consumer (what mmpipe stream runs) is started here in a\n"
+        "                 group of its own, or with --kafka-external a running mmpipe\n"
+        "                 stream answers.  Brokers, topics and SASL/SSL come from the\n"
+        "                 config's stream: section and MMPIPE__STREAM__* variables; the\n"
+        "                 flags override brokers and topics.  The topics must exist.\n"
+        "Records are matched across paths by id: give each record its own.  Prints a\n"
+        "path x path matrix of the largest score difference and the label agreement.",
         epilog="""\
 examples:
   mmpipe verify packages/retail
   mmpipe verify packages/retail --records my-records.jsonl --json verify.json
-  mmpipe verify packages/retail --serve-url http://localhost:8000 --triton-url localhost:8001""",
+  mmpipe verify packages/retail --serve-url http://localhost:8000 --triton-url localhost:8001
+  mmpipe verify packages/retail --batch                                # local Ray
+  RAY_ADDRESS=ray://head:10001 mmpipe verify packages/retail --batch   # a cluster
+  mmpipe verify packages/retail --kafka localhost:9092 --kafka-input retail-records \\
+      --kafka-output retail-results --kafka-dlq retail-dlq
+  mmpipe verify packages/retail -c stream.yaml --kafka --kafka-external   # a running mmpipe stream
+  mmpipe verify packages/retail --no-torch --batch --kafka localhost:9092 -c stream.yaml \\
+      --serve-url http://localhost:8000 --triton-url localhost:8001 --triton-model retail-fusion_cpu
+
+exit codes: 0 every pair agrees; 3 a pair disagrees or a path failed (the matrix says
+which); 2 bad arguments.""",
     )
     v.add_argument("package", help="model package directory")
-    v.add_argument("--config", "-c", metavar="YAML", help="settings file (limits, media, engine options)")
+    v.add_argument("--config", "-c", metavar="YAML",
+                   help="settings file (limits, media, engine options; stream: for --kafka, batch: for --batch)")
     v.add_argument("--records", help="records JSONL (default: built-in sample records of the package's workload)")
     v.add_argument("-n", type=int, default=64, help="sample records to generate when --records is not given")
     v.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     v.add_argument("--serve-url", help="a running mmpipe Ray Serve app, e.g. http://localhost:8000")
     v.add_argument("--serve-model", help="the model's name there (default: the package name)")
     v.add_argument("--triton-url", help="a Triton gRPC endpoint, e.g. localhost:8001")
-    v.add_argument("--triton-model", help="the model's name in Triton (default: the package name)")
+    v.add_argument("--triton-model", help="the model's name in Triton (default: the package name; NAME_cpu on "
+                   "CPU servers without the onnxruntime backend)")
+    v.add_argument("--batch", action="store_true",
+                   help="run the Ray Data batch job on the records (local Ray, or the cluster RAY_ADDRESS names)")
+    v.add_argument("--kafka", nargs="?", const="", metavar="HOST:PORT[,...]",
+                   help="send the records through Kafka; brokers default to stream.bootstrap_servers")
+    v.add_argument("--kafka-input", metavar="TOPIC", help="input topic (default: the first of stream.input_topics)")
+    v.add_argument("--kafka-output", metavar="TOPIC", help="results topic (default: stream.output_topic)")
+    v.add_argument("--kafka-dlq", metavar="TOPIC", help="dead-letter topic (default: stream.dlq_topic)")
+    v.add_argument("--kafka-external", action="store_true",
+                   help="a running mmpipe stream consumes the input topic: start no consumer here")
+    v.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="how long to wait for a server's or the stream's answers (default 300)")
     v.add_argument("--json", help="write the report as JSON here")
     v.set_defaults(func=cmd_verify)

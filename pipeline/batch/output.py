@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 
 from pipeline.batch.stages import LABEL_TYPE
 from pipeline.log import log_event
+from pipeline.records import ErrorInfo, Result
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +228,20 @@ def read_errors(root: str | Path) -> pa.Table:
     root = Path(root)
     files = sorted(str(p) for p in root.glob(f"run_date=*/workload=*/{ERRORS_DIR}/part-*.parquet"))
     return _read(root, files, ERRORS_SCHEMA)
+
+
+def read_as_results(root: str | Path) -> list[Result]:
+    """Every published row as a :class:`~pipeline.records.Result`, results
+    and errors alike: result rows from their ``result`` column (the
+    Predictor's result JSON, as written), error rows as error results with
+    their reason code.  This is the inverse of what the job writes, so a
+    tool can compare the batch job's answers with any other path's."""
+    out = [Result.model_validate_json(text) for text in read_results(root).column("result").to_pylist()]
+    for row in read_errors(root).to_pylist():
+        out.append(Result(id=row["id"] or "", workload=row["workload"], model=row["model"] or "",
+                          model_version=row["model_version"] or "",
+                          error=ErrorInfo(code=row["error_code"] or "", message=row["error_message"] or "")))
+    return out
 
 
 def read_summary(root: str | Path, run_date: str, workload: str) -> dict[str, Any]:

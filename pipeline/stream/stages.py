@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pipeline.errors import Reason
 from pipeline.predictor import Predictor
 from pipeline.preprocess import Prepared
-from pipeline.records import Result
+from pipeline.records import ErrorInfo, Result
 
 TopicPartition = tuple[str, int]
 
@@ -207,6 +207,24 @@ class PredictStage:
         headers = [(H_REASON, res.error.code.encode()), (H_ERROR, res.error.message.encode()),
                    *self._model, *self._source(m)]
         return OutMessage("dlq", self.dlq_topic, m.key, m.value or b"", headers, m, reason=res.error.code)
+
+
+def result_of_message(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None, *,
+                      dead_letter: bool) -> Result:
+    """The :class:`Result` an output or dead-letter message stands for: the
+    inverse of :meth:`PredictStage.result` and :meth:`PredictStage.dead_letter`,
+    so a reader of those topics (``mmpipe verify``, a test) gets what every
+    other path returns.  A dead letter's record id is its key (the input's
+    key: producers key records by id); its reason code and message come from
+    the headers, never from the record bytes it carries."""
+    if not dead_letter:
+        if value is None:
+            raise ValueError("a result message without a value")
+        return Result.model_validate_json(value)
+    h = {k: v.decode("utf-8", "replace") for k, v in headers or []}
+    return Result(id=key.decode("utf-8", "replace") if key else "", model=h.get(H_MODEL, ""),
+                  model_version=h.get(H_VERSION, ""),
+                  error=ErrorInfo(code=h.get(H_REASON, ""), message=h.get(H_ERROR, "")))
 
 
 @dataclass

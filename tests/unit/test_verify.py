@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from exporters.onnx_export import export_package
 from pipeline.cli import main
+from pipeline.predictor import Predictor
 from pipeline.records import ErrorInfo, HeadResult, LabelScore, Result
 from pipeline.verify import PathRun, PathSpec, compare, format_matrix, report, run_paths
 
@@ -84,3 +89,149 @@ def test_mmpipe_verify_passes_on_an_exported_package(exported_retail: Path, tmp_
 def test_mmpipe_verify_needs_two_paths(tiny_packages: dict[str, Path]) -> None:
     with pytest.raises(SystemExit, match="fewer than two paths"):
         main(["verify", str(tiny_packages["retail"]), "-n", "4"])
+
+
+# -- reading each path's own output back as Results ------------------------------------------------------------
+def _same(got: list[Result], want: list[Result]) -> None:
+    """Same ids, errors, labels and scores (timings aside)."""
+    by_id = {r.id: r for r in got}
+    assert set(by_id) == {r.id for r in want}
+    for w in want:
+        g = by_id[w.id]
+        assert (g.error.code if g.error else None) == (w.error.code if w.error else None), w.id
+        assert g.heads == w.heads and g.model == w.model and g.model_version == w.model_version
+
+
+def _sample(workload: str = "retail") -> list:
+    from pipeline import sample_data
+
+    good = [s.record for s in sample_data.generate(workload, 6, seed=5, missing_rate=0.3)]
+    broken = [r for r, _ in sample_data.broken_records(workload, 5) if isinstance(r, dict) and "id" in r][:4]
+    return good + broken
+
+
+def test_record_bytes_is_what_every_wire_carries() -> None:
+    from pipeline.records import Record, record_bytes
+
+    rec = {"id": "a", "workload": "retail", "text": "shirt", "image": b"\x89PNG..", "tabular": {"price": 2.0}}
+    doc = json.loads(record_bytes(rec))
+    assert doc["image"] == base64.b64encode(b"\x89PNG..").decode() and doc["tabular"] == {"price": 2.0}
+    assert record_bytes(b'{"id": "broken') == b'{"id": "broken'  # broken stays broken, byte for byte
+    assert json.loads(record_bytes(Record(id="b", workload="retail", text="x")))["id"] == "b"
+
+
+def test_batch_rows_read_back_as_the_predictors_results(exported_retail: Path, tmp_path: Path) -> None:
+    """Decode and infer stages of the job (called directly, without Ray),
+    written as the job writes them, read back by read_as_results."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from pipeline.batch.inputs import open_filesystem, plan_shards
+    from pipeline.batch.output import RunOutput, read_as_results
+    from pipeline.batch.stages import InferActor, decode_shards, settings_json
+    from pipeline.config import EngineConfig, Settings
+    from pipeline.records import record_bytes
+
+    recs = _sample()
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(record_bytes(r) + b"\n" for r in recs))
+    settings = Settings(engine=EngineConfig(kind="onnxruntime", threads=1))
+    fs, path = open_filesystem(str(src))
+    shards = plan_shards(fs, path, shard_bytes=1 << 30)
+    rows = [s.row() for s in shards]
+    batch = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    sj = settings_json(settings)
+    actor = InferActor(sj, str(exported_retail), 8)
+    tables = [actor(b) for b in decode_shards(batch, settings_json=sj, package_dir=str(exported_retail),
+                                              input_uri=path)]
+    tbl = pa.concat_tables(tables)
+    out = RunOutput(tmp_path / "out", "2026-05-01", "retail")
+    out.open(resume=False)
+    out.write_shard(shards[0].key, tbl.filter(pc.equal(tbl["kind"], "ok")), tbl.filter(pc.equal(tbl["kind"], "error")),
+                    {"shard": shards[0].key})
+    out.commit({})
+    out.close()
+    pred = Predictor.from_settings(settings, str(exported_retail))
+    _same(read_as_results(tmp_path / "out"), pred.predict(recs))
+
+
+def test_stream_messages_read_back_as_the_predictors_results(exported_retail: Path) -> None:
+    from pipeline.config import EngineConfig, Settings
+    from pipeline.records import record_bytes
+    from pipeline.stream.stages import InMessage, PredictStage, result_of_message
+
+    recs = _sample()
+    pred = Predictor.from_settings(Settings(engine=EngineConfig(kind="onnxruntime", threads=1)), str(exported_retail))
+    msgs = [InMessage("in", 0, i, r["id"].encode(), record_bytes(r)) for i, r in enumerate(recs)]
+    outs = PredictStage(pred, "out", "dlq")(msgs)
+    assert {o.kind for o in outs} == {"result", "dlq"}
+    got = [result_of_message(o.key, o.value, o.headers, dead_letter=o.kind == "dlq") for o in outs]
+    _same(got, pred.predict(recs))
+
+
+class _FakeV1(BaseHTTPRequestHandler):
+    """Answers a batch per record, and a lone non-JSON body with 400 bad_json,
+    as the Serve ingress does: what serve_v1_path must turn into Results."""
+
+    def do_POST(self) -> None:  # http.server's name for it
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            status, out = 400, {"error": {"code": "bad_json", "message": "body is not valid JSON"}}
+        else:
+            status = 200
+            out = {"results": [_res(r["id"], "a", 0.9).model_dump() for r in doc["records"]]}
+        data = json.dumps(out).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_serve_v1_sends_batches_and_non_json_alone() -> None:
+    from pipeline.verify import serve_v1_path
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeV1)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    try:
+        path = serve_v1_path(f"http://127.0.0.1:{srv.server_address[1]}", "retail", chunk=2)
+        got = path.run([{"id": "1", "image": b"\x00"}, b'{"id": "2", "text": "unterminated', {"id": "3"},
+                        {"id": "4"}])
+    finally:
+        srv.shutdown()
+    # An unparseable record has no id on any path (the Predictor's error result has id "" too).
+    assert [r.id for r in got] == ["", "1", "3", "4"]
+    assert got[0].error is not None and got[0].error.code == "bad_json" and all(r.ok for r in got[1:])
+
+
+def test_merge_runs_pools_packages_and_id_problems_are_counted() -> None:
+    from pipeline.verify import id_problems, merge_runs
+
+    a1, a2 = _run("a", "fp32", _res("1", "a", 0.9)), _run("a", "fp32", _res("2", "a", 0.8))
+    b1 = _run("b", "fp32", _res("1", "a", 0.9))
+    b2 = PathRun("b", "fp32", error="down")
+    merged = {r.name: r for r in merge_runs([[a1, b1], [a2, b2]])}
+    assert set(merged["a"].results) == {"1", "2"} and merged["b"].error == "down"
+    with pytest.raises(ValueError, match="serves"):
+        merge_runs([[a1], [_run("a", "int8")]])
+    assert id_problems([{"id": "x"}, {"id": "x"}, {"text": "no id"}, b"not json", {"id": "y"}]) == (2, 2)
+
+
+def test_paths_that_build_their_own_engine_pin_the_variant(exported_retail: Path) -> None:
+    from pipeline.config import EngineConfig, Settings
+    from pipeline.package import load_package
+    from pipeline.verify import _pinned
+
+    pkg = load_package(exported_retail)
+    s, v = _pinned(Settings(), pkg)
+    assert (s.engine.kind, s.engine.variant, v) == ("onnxruntime", "fp32", "fp32")
+    s, v = _pinned(Settings(engine=EngineConfig(kind="onnxruntime", variant="int8")), pkg)
+    assert (s.engine.variant, v) == ("int8", "int8")
+    s, v = _pinned(Settings(engine=EngineConfig(kind="triton")), pkg)
+    assert (s.engine.kind, v) == ("triton", "fp32")
+    assert Settings().engine.kind == "auto", "the caller's settings are left alone"
