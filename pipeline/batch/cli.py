@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import sys
 
 from pipeline.log import log_event
@@ -71,6 +73,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
         return 1
     except Exception as exc:  # a Ray task that kept failing, a lost cluster: report, never a traceback dump
         log_event(logger, logging.ERROR, "batch_failed", exc_type=type(exc).__name__)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # Said plainly: the fix is space (or quota), not a code change.
+            print(f"error: the output filesystem is full ({errno.errorcode[exc.errno]}: {os.strerror(exc.errno)}) "
+                  f"while writing under {args.output}\nnothing was published; finished shards are kept: free space "
+                  "(or raise the quota) and rerun with --resume", file=sys.stderr)
+            return 1
         print(f"error: the batch job failed ({type(exc).__name__}: {str(exc)[:500]})\n"
               "nothing was published; finished shards are kept: rerun with --resume to continue", file=sys.stderr)
         return 1

@@ -1,0 +1,75 @@
+"""Run the fault suite and write bench/results/faults.json.
+
+    python -m bench.faults                 # every case (about 5 minutes on 2 cores)
+    python bench/faults.py -k stream       # a subset, by pytest -k expression
+    python -m bench.faults --out /tmp/faults.json
+
+The cases are the tests under ``tests/faults/`` (real Kafka broker, Ray
+Serve, tritonserver, Ray Data on a local Ray): each breaks something while
+records flow and reports records sent, results, DLQ/error entries,
+duplicates and losses (which must be 0).  This runs them with pytest,
+collects their outcomes (``MMPIPE_FAULTS_OUT``), adds the pytest exit code
+and the run time, prints the table and writes the JSON that
+``bench/report.py`` renders into RESULTS.md.  Exit code 0 when every case
+passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "results" / "faults.json"
+OUT_ENV = "MMPIPE_FAULTS_OUT"  # read by tests/faults/conftest.py
+
+
+def run(out: Path = OUT, pytest_args: list[str] | None = None) -> dict[str, Any]:
+    """Run the suite with pytest; returns (and writes to ``out``) the outcomes."""
+    with tempfile.TemporaryDirectory(prefix="mmpipe-faults-") as tmp:
+        raw = Path(tmp) / "outcomes.json"
+        env = {**os.environ, OUT_ENV: str(raw), "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])}
+        t0 = time.monotonic()
+        rc = subprocess.run([sys.executable, "-m", "pytest", "tests/faults", "-q", "-p", "no:cacheprovider",
+                             *(pytest_args or [])], cwd=ROOT, env=env, check=False).returncode
+        wall = time.monotonic() - t0
+        data: dict[str, Any] = json.loads(raw.read_text()) if raw.is_file() else {"cases": [], "skipped": [],
+                                                                                    "failed": []}
+    data["pytest_exit_code"] = rc
+    data["wall_s"] = round(wall, 1)
+    data["all_passed"] = rc == 0 and data.get("all_passed", False)
+    data["command"] = "python -m bench.faults" + "".join(f" {a}" for a in pytest_args or [])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=OUT, help=f"where to write the JSON (default {OUT.relative_to(ROOT)})")
+    p.add_argument("-k", dest="select", help="only the cases matching this pytest -k expression")
+    a = p.parse_args(argv)
+    data = run(a.out, ["-k", a.select] if a.select else [])
+    sys.path.insert(0, str(ROOT))
+    from tests.faults.outcome import FaultOutcome, table
+
+    print()
+    print(table(FaultOutcome(**c) for c in data["cases"]))
+    for s in data.get("skipped", []):
+        print(f"skipped {s['test']}: {s['reason']}")
+    print(f"\n{len(data['cases'])} cases in {data['wall_s']:.0f} s; "
+          f"{'all passed' if data['all_passed'] else 'FAILED: ' + ', '.join(data.get('failed') or ['see above'])}; "
+          f"wrote {a.out}")
+    return 0 if data["all_passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
