@@ -4,11 +4,12 @@
 VENV ?= $(HOME)/.cache/mmpipe/venv
 export MMPIPE_VENV := $(VENV)
 
-.PHONY: demo test lint help
+.PHONY: demo test lint bench help
 help:
 	@echo "make demo   - run the main job on built-in sample data (sets up its own environment)"
 	@echo "make test   - run the whole test suite (sets up its own environment)"
 	@echo "make lint   - ruff"
+	@echo "make bench  - every benchmark, the parity matrix and the fault suite; rewrites bench/RESULTS.md"
 
 demo:
 	@.ci/bootstrap.sh train
@@ -22,3 +23,7 @@ test:
 lint:
 	@.ci/bootstrap.sh test
 	$(VENV)/bin/ruff check pipeline exporters deploy tests bench examples
+
+bench:
+	@.ci/bootstrap.sh test
+	$(VENV)/bin/python -m bench.run_all $(ARGS)

@@ -166,6 +166,63 @@ def stream_section(data: dict) -> str:
     ])
 
 
+def parity_section(data: dict) -> str:
+    """The cross-path parity matrix (bench/parity.py): one set of records
+    through every path; labels identical, scores within the variant's tolerance."""
+    m = data.get("machine", {})
+    recs = data.get("records", {})
+    broken = data.get("broken", {})
+    lines = [
+        "## One answer on every path: the parity matrix",
+        "",
+        f"`{data.get('command', 'python -m bench.parity')}` on {m.get('cpus', '?')} CPU cores, real servers "
+        f"(Ray Serve, tritonserver, Ray Data on a local Ray, Apache Kafka); models: {data.get('models', '?')}; "
+        f"records: " + ", ".join(f"{w} {n} ({broken.get(w, 0)} broken on purpose)" for w, n in recs.items())
+        + f"; {data.get('wall_s', 0):.0f} s; **{'PASS' if data.get('passed') else 'FAIL'}**.  "
+        "Each cell: largest |score difference| over the records both paths answered / label agreement; "
+        "every broken record got the same reason code on every path.",
+        "",
+        "```",
+        data.get("matrix", "(no matrix: the run failed before the paths ran)"),
+        "```",
+        "",
+        "| path | variant | records answered | reason-coded errors | seconds |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, p in data.get("paths", {}).items():
+        state = f" (FAILED: {p['failed']})" if p.get("failed") else ""
+        lines.append(f"| {name}{state} | {p['variant']} | {p['results']} | {p['errors']} | {p['seconds']:.1f} |")
+    int8 = data.get("int8")
+    if int8:
+        lines += ["", "int8 on the trained retail model (the tiny test models have near-tied scores that "
+                  "quantisation flips, so int8 is judged on a trained model):", "", "```", int8["matrix"], "```"]
+    return "\n".join([*lines, ""])
+
+
+def faults_section(data: dict) -> str:
+    """The fault suite (bench/faults.py): one row per case; losses must be 0."""
+    m = data.get("machine", {})
+    lines = [
+        "## Fault suite: no fault loses a record",
+        "",
+        f"`{data.get('command', 'python -m bench.faults')}` on {m.get('cpus', '?')} CPU cores, real servers "
+        "(Apache Kafka, Ray Serve, tritonserver, Ray Data on a local Ray); "
+        f"{len(data['cases'])} cases in {data.get('wall_s', 0):.0f} s, "
+        f"{'all passed' if data.get('all_passed') else 'NOT all passed'}.  Accounting is by record id (batch: "
+        "input position): results + DLQ/errors + losses = sent; duplicates are deliveries beyond the first; "
+        "retries are failed attempts a client or the consumer retried (not losses).",
+        "",
+        "| case | path | sent | results | DLQ/errors | duplicates | losses | retries | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for c in data["cases"]:
+        lines.append(f"| {c['case']} | {c['path']} | {c['sent']} | {c['received']} | {c['errors']} | "
+                     f"{c['duplicates']} | **{c['losses']}** | {c.get('retries', 0)} | {c.get('notes', '')} |")
+    for s in data.get("skipped", []):
+        lines.append(f"\nSkipped: `{s['test']}`: {s['reason']}")
+    return "\n".join([*lines, ""])
+
+
 def load(name: str) -> dict | None:
     p = RESULTS / name
     return json.loads(p.read_text()) if p.is_file() else None
@@ -173,19 +230,13 @@ def load(name: str) -> dict | None:
 
 def main() -> int:
     parts = [HEADER]
-    eng = load("engines.json")
-    if eng:
-        parts.append(engines_section(eng))
-    parts.append(gpu_section(load("gpu.json")))
-    serving = load("serving.json")
-    if serving:
-        parts.append(serving_section(serving))
-    batch = load("batch.json")
-    if batch:
-        parts.append(batch_section(batch))
-    stream = load("stream.json")
-    if stream:
-        parts.append(stream_section(stream))
+    sections = [("engines.json", engines_section), ("gpu.json", gpu_section), ("serving.json", serving_section),
+                ("batch.json", batch_section), ("stream.json", stream_section), ("parity.json", parity_section),
+                ("faults.json", faults_section)]
+    for name, section in sections:
+        data = load(name)
+        if data or section is gpu_section:  # the GPU section says when no GPU run exists
+            parts.append(section(data))
     notes = ROOT / "NOTES.md"
     if notes.is_file():
         parts.append(notes.read_text())
