@@ -52,12 +52,40 @@ def run(out: Path = OUT, pytest_args: list[str] | None = None) -> dict[str, Any]
     return data
 
 
+def chart(data: dict[str, Any], png: Path) -> None:
+    """Per case: records sent, results, error entries, duplicates and
+    losses side by side (losses must be a zero-height bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = data.get("cases") or []
+    if not cases:
+        return
+    fig, ax = plt.subplots(figsize=(11, 0.6 * len(cases) + 1.5))
+    kinds = [("sent", "sent"), ("received", "results"), ("errors", "DLQ/errors"), ("duplicates", "duplicates"),
+             ("losses", "losses")]
+    h = 0.8 / len(kinds)
+    for k, (key, label) in enumerate(kinds):
+        ax.barh([i + k * h for i in range(len(cases))], [c[key] for c in cases], height=h, label=label)
+    ax.set_yticks([i + 0.4 - h / 2 for i in range(len(cases))], [f"{c['case']} ({c['path']})" for c in cases])
+    ax.invert_yaxis()
+    ax.set_xlabel("records")
+    ax.set_title("Fault suite: every record sent comes out as a result or an error (losses 0)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=OUT, help=f"where to write the JSON (default {OUT.relative_to(ROOT)})")
     p.add_argument("-k", dest="select", help="only the cases matching this pytest -k expression")
     a = p.parse_args(argv)
     data = run(a.out, ["-k", a.select] if a.select else [])
+    chart(data, a.out.with_suffix(".png"))
     sys.path.insert(0, str(ROOT))
     from tests.faults.outcome import FaultOutcome, table
 

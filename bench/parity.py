@@ -56,6 +56,42 @@ def run(out: Path = OUT, models: str = "demo", pytest_args: list[str] | None = N
     return data
 
 
+def chart(data: dict[str, Any], png: Path) -> None:
+    """A heatmap of the matrix: log10 of the largest score difference per
+    pair of paths, the label agreement written in each cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = data.get("order") or list(data.get("paths", {}))
+    if not names or not data.get("pairs"):
+        return
+    n = len(names)
+    diff = np.full((n, n), np.nan)
+    agree = np.full((n, n), np.nan)
+    for key, cell in data["pairs"].items():
+        a, b = key.split(" | ")
+        i, j = names.index(a), names.index(b)
+        for x, y in ((i, j), (j, i)):
+            diff[x, y] = np.log10(max(cell["max_score_diff"], 1e-9))
+            agree[x, y] = cell["label_agreement"]
+    fig, ax = plt.subplots(figsize=(1.2 * n + 2, 1.0 * n + 1))
+    im = ax.imshow(diff, cmap="viridis", vmin=-9, vmax=0)
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
+    for i in range(n):
+        for j in range(n):
+            if not np.isnan(agree[i, j]):
+                ax.text(j, i, f"{agree[i, j]:.0%}", ha="center", va="center", color="white", fontsize=8)
+    fig.colorbar(im, ax=ax, label="log10 max |score difference|")
+    ax.set_title(f"Cross-path parity ({data.get('models', '?')} models): score difference, label agreement")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", choices=["demo", "tiny"], default="demo",
@@ -64,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=OUT, help=f"where to write the JSON (default {OUT.relative_to(ROOT)})")
     a = p.parse_args(argv)
     data = run(a.out, a.models)
+    chart(data, a.out.with_suffix(".png"))
     print(data.get("matrix", "(no matrix: the run failed before the paths ran; see the pytest output above)"))
     print(f"\nparity: {'PASS' if data['passed'] else 'FAIL'} (pytest exit {data['pytest_exit_code']}, "
           f"{data['wall_s']:.0f} s); wrote {a.out}")

@@ -196,6 +196,8 @@ def parity_section(data: dict) -> str:
     if int8:
         lines += ["", "int8 on the trained retail model (the tiny test models have near-tied scores that "
                   "quantisation flips, so int8 is judged on a trained model):", "", "```", int8["matrix"], "```"]
+    if (RESULTS / "parity.png").is_file():
+        lines += ["", "![parity](results/parity.png)"]
     return "\n".join([*lines, ""])
 
 
@@ -220,6 +222,8 @@ def faults_section(data: dict) -> str:
                      f"{c['duplicates']} | **{c['losses']}** | {c.get('retries', 0)} | {c.get('notes', '')} |")
     for s in data.get("skipped", []):
         lines.append(f"\nSkipped: `{s['test']}`: {s['reason']}")
+    if (RESULTS / "faults.png").is_file():
+        lines += ["", "![faults](results/faults.png)"]
     return "\n".join([*lines, ""])
 
 

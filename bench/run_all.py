@@ -25,7 +25,6 @@ the other sections from their last run.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -78,9 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"=== {name}: exit {rc} after {outcome[name]['wall_s']:.0f} s", flush=True)
     if a.dry_run:
         return 0
-    (BENCH / "results").mkdir(parents=True, exist_ok=True)
-    (BENCH / "results" / "run_all.json").write_text(json.dumps(
-        {"generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "steps": outcome}, indent=2) + "\n")
     rc = subprocess.run([sys.executable, "bench/report.py"], cwd=ROOT, check=False).returncode
     failed = [n for n, o in outcome.items() if o["exit_code"] != 0]
     print("\n" + "\n".join(f"{n:<8} exit {o['exit_code']:>3}  {o['wall_s']:>7.0f} s" for n, o in outcome.items()))
