@@ -188,7 +188,10 @@ def test_disk_full_on_the_output_path(packages, tmp_path: Path, report: Report) 
         notes=(f"{small} tmpfs: exit {full['rc']}, {after['published_result_rows']} rows published, "
                f"{after['staging_done_markers']} shards kept; rerun with space: exit {rerun['rc']}, "
                f"{summary.get('shards_skipped', '?')} shards skipped"),
-        details={"first_exit_code": full["rc"], "first_stderr": full["stderr"][-600:],
+        # What the user saw: the command's own "error:" lines, with this run's temp dir named as such.
+        details={"first_exit_code": full["rc"], "first_error": "\n".join(
+                     line.replace(str(tmp_path), "<tmp>") for line in full["stderr"].splitlines()
+                     if line.startswith(("error:", "nothing was published"))),
                  "after_full": after, "rerun_exit_code": rerun["rc"], "after_rerun": rep["after_rerun"],
                  "shards": summary.get("shards"), "shards_skipped": summary.get("shards_skipped"),
                  "counts_match": summary.get("counts_match")}))
