@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,19 @@ def prometheus_binary(install: bool = True) -> tuple[str | None, str]:
         return found, ""
     if not install:
         return None, "prometheus is not installed"
+    return apt_install("prometheus", _find)
+
+
+def apt_install(package: str, find: Callable[[], str | None]) -> tuple[str | None, str]:
+    """Install a Debian package for a test server when we are root with
+    apt-get (``apt-get update`` first only if a plain install fails), then
+    ``find()`` its binary: (path or None, why it is missing)."""
     if not shutil.which("apt-get"):
-        return None, "prometheus is not installed and apt-get is not available to install it"
+        return None, f"{package} is not installed and apt-get is not available to install it"
     if os.geteuid() != 0:
-        return None, "prometheus is not installed and installing it (apt-get install prometheus) needs root"
+        return None, f"{package} is not installed and installing it (apt-get install {package}) needs root"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"]
+    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package]
     tail = ""
     for update_first in (False, True):
         try:
@@ -59,10 +67,10 @@ def prometheus_binary(install: bool = True) -> tuple[str | None, str]:
             tail = (res.stdout + res.stderr)[-500:]
         except (OSError, subprocess.TimeoutExpired) as exc:
             tail = f"{type(exc).__name__}: {exc}"
-        found = _find()
+        found = find()
         if found:
             return found, ""
-    return None, f"prometheus is not installed and apt-get install prometheus failed: {tail.strip()}"
+    return None, f"{package} is not installed and apt-get install {package} failed: {tail.strip()}"
 
 
 def _free_port() -> int:

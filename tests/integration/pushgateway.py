@@ -14,6 +14,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tests.integration.prometheus import apt_install
+
 DEBIAN_PATH = Path("/usr/bin/prometheus-pushgateway")
 
 
@@ -29,23 +31,7 @@ def pushgateway_binary() -> tuple[str | None, str]:
     found = _find()
     if found:
         return found, ""
-    if not shutil.which("apt-get") or os.geteuid() != 0:
-        return None, "prometheus-pushgateway is not installed (apt-get install prometheus-pushgateway needs root)"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus-pushgateway"]
-    tail = ""
-    for update_first in (False, True):
-        try:
-            if update_first:
-                subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=300, check=False)
-            res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-            tail = (res.stdout + res.stderr)[-500:]
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            tail = f"{type(exc).__name__}: {exc}"
-        found = _find()
-        if found:
-            return found, ""
-    return None, f"apt-get install prometheus-pushgateway failed: {tail.strip()}"
+    return apt_install("prometheus-pushgateway", _find)
 
 
 class Pushgateway:
