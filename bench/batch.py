@@ -35,13 +35,14 @@ from pipeline.demo import cached_package  # noqa: E402
 from pipeline.engines import create_engine  # noqa: E402
 from pipeline.package import load_package  # noqa: E402
 from pipeline.predictor import Predictor  # noqa: E402
+from pipeline.records import json_safe  # noqa: E402
 from pipeline.spec import load_workload  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 
 
 def write_input(path: Path, workload: str, records: int, copies: int = 1) -> int:
-    lines = [json.dumps(sample_data._jsonable(s.record)).encode() for s in sample_data.generate(workload, records)]
+    lines = [json.dumps(json_safe(s.record)).encode() for s in sample_data.generate(workload, records)]
     n = 0
     with path.open("wb") as fh:
         for c in range(copies):
@@ -168,7 +169,7 @@ def main() -> int:
         fig.tight_layout()
         fig.savefig(OUT / "batch.png", dpi=100)
     except ImportError:
-        pass
+        print("no chart: matplotlib is not installed (pip install 'mmpipe[batch]')", file=sys.stderr)
     for r in rows:
         print(r)
     print(mem)

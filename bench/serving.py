@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import multiprocessing as mp
@@ -93,10 +92,6 @@ class Target:
     model: str        # v2: model name; v1: workload
     metrics_url: str
     tree_pid: int     # root of the server's process tree (CPU accounting)
-
-
-def _jsonable(rec: dict[str, Any]) -> dict[str, Any]:
-    return {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in rec.items()}
 
 
 # -- CPU accounting -------------------------------------------------------------------------------------
@@ -740,6 +735,7 @@ def prepare_data(pkg_dir: Path, records: int, threads: int, data_dir: Path, work
     from pipeline.package import load_package
     from pipeline.predictor import Predictor
     from pipeline.preprocess import Prepared
+    from pipeline.records import json_safe
 
     pkg = load_package(pkg_dir)
     engine = create_engine(pkg, EngineConfig(kind="onnxruntime", device="cpu", variant="fp32", threads=threads))
@@ -760,7 +756,7 @@ def prepare_data(pkg_dir: Path, records: int, threads: int, data_dir: Path, work
             arrays[f"{i}/out/{n}"] = v
     np.savez(data_dir / "tensors.npz", **arrays)
     (data_dir / "meta.json").write_text(json.dumps({"records": len(raws), "inputs": inputs, "outputs": outputs}))
-    (data_dir / "v1.json").write_text(json.dumps([json.dumps(_jsonable(r)) for r in raws]))
+    (data_dir / "v1.json").write_text(json.dumps([json.dumps(json_safe(r)) for r in raws]))
     return predictor, raws, prepared
 
 

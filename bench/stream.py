@@ -20,7 +20,6 @@ and Maven (the broker's jars are fetched once, as in the tests).
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import platform
@@ -43,6 +42,7 @@ from pipeline.engines import create_engine  # noqa: E402
 from pipeline.metrics import get_metrics  # noqa: E402
 from pipeline.package import load_package  # noqa: E402
 from pipeline.predictor import Predictor  # noqa: E402
+from pipeline.records import json_safe  # noqa: E402
 from pipeline.stream.consumer import StreamConsumer  # noqa: E402
 from tests.integration.kafka_broker import KafkaBroker  # noqa: E402
 
@@ -62,7 +62,7 @@ def default_package() -> Path:
 def records(workload: str, n: int) -> list[bytes]:
     out = []
     for i, s in enumerate(sample_data.generate(workload, n, seed=21, missing_rate=0.2)):
-        rec = {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in s.record.items()}
+        rec = json_safe(s.record)
         rec["id"] = f"b-{i}"
         out.append(json.dumps(rec).encode())
     return out

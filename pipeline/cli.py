@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Iterator
@@ -46,19 +45,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _append_broken(path: Path, workload: str, seed: int) -> int:
     """Append deliberately broken records (one per line) to a records file."""
-    import base64
-
     from pipeline import sample_data
+    from pipeline.records import jsonl_line
 
     broken = sample_data.broken_records(workload, seed)
     with path.open("ab") as fh:
         for rec, _reason in broken:
-            if isinstance(rec, (bytes, bytearray)):
-                line = bytes(rec).replace(b"\n", b" ")
-            else:
-                safe = {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in rec.items()}
-                line = json.dumps(safe).encode()
-            fh.write(line + b"\n")
+            fh.write(jsonl_line(rec) + b"\n")
     return len(broken)
 
 

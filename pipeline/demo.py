@@ -76,9 +76,8 @@ def prepare_workload(name: str, out: Path, records: int, retrain: bool) -> dict[
     """The package (cached model, copied into ``out``) and the sample input
     (generated records plus records broken on purpose, as JSONL) of one
     workload, with the ground truth for scoring the tags."""
-    import base64
-
     from pipeline import sample_data
+    from pipeline.records import jsonl_line
 
     spec = load_workload(name)
     cached, report = cached_package(spec, retrain)
@@ -92,11 +91,7 @@ def prepare_workload(name: str, out: Path, records: int, retrain: bool) -> dict[
     broken = sample_data.broken_records(name, TAG_SEED)
     with (data / "records.jsonl").open("ab") as fh:
         for rec, _reason in broken:
-            if isinstance(rec, (bytes, bytearray)):
-                fh.write(bytes(rec).replace(b"\n", b" ") + b"\n")
-            else:
-                safe = {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in rec.items()}
-                fh.write(json.dumps(safe).encode() + b"\n")
+            fh.write(jsonl_line(rec) + b"\n")
     return {"spec": spec, "package": dst, "input": data / "records.jsonl", "train_f1": report.get("f1", {}),
             "labels": {s.record["id"]: s.labels for s in samples}}
 

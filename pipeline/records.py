@@ -233,7 +233,20 @@ def record_bytes(raw: bytes | str | dict[str, Any] | Record) -> bytes:
         return bytes(raw)
     if isinstance(raw, str):
         return raw.encode("utf-8", "surrogatepass")
-    if isinstance(raw, Record):
-        raw = record_to_json(raw)
-    out = {k: base64.b64encode(v).decode("ascii") if isinstance(v, (bytes, bytearray)) else v for k, v in raw.items()}
-    return json.dumps(out, separators=(",", ":")).encode()
+    return json.dumps(record_to_json(raw) if isinstance(raw, Record) else json_safe(raw),
+                      separators=(",", ":")).encode()
+
+
+def json_safe(raw: dict[str, Any]) -> dict[str, Any]:
+    """A raw record dict as JSON can carry it: media bytes become base64
+    (the wire form every path accepts) and nothing else changes, so a record
+    broken on purpose stays broken the same way."""
+    return {k: base64.b64encode(v).decode("ascii") if isinstance(v, (bytes, bytearray)) else v
+            for k, v in raw.items()}
+
+
+def jsonl_line(raw: bytes | str | dict[str, Any] | Record) -> bytes:
+    """:func:`record_bytes` as one JSONL line (no newline at the end): a raw
+    newline inside bytes that are not JSON becomes a space, so a broken
+    record stays one line and one record."""
+    return record_bytes(raw).replace(b"\n", b" ")

@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.errors import Reason
+from pipeline.records import json_safe
 
 # --------------------------------------------------------------------------- #
 # Label sets (must equal pipeline/workloads/*.yaml; a unit test checks this)
@@ -277,7 +278,7 @@ def write_jsonl(samples: list[Sample], records_path: Path, labels_path: Path | N
     records_path = Path(records_path)
     with records_path.open("w", encoding="utf-8") as fh:
         for s in samples:
-            fh.write(json.dumps(_jsonable(s.record), separators=(",", ":")) + "\n")
+            fh.write(json.dumps(json_safe(s.record), separators=(",", ":")) + "\n")
     if labels_path is not None:
         with Path(labels_path).open("w", encoding="utf-8") as fh:
             for s in samples:
@@ -345,11 +346,6 @@ def _rng(workload: str, seed: int, i: int) -> np.random.Generator:
 
 def _choice(rng: np.random.Generator, items: tuple | list) -> Any:
     return items[int(rng.integers(len(items)))]
-
-
-def _jsonable(record: dict) -> dict:
-    return {k: base64.b64encode(v).decode("ascii") if isinstance(v, (bytes, bytearray)) else v
-            for k, v in record.items()}
 
 
 def _workload_limits(workload: str) -> dict[str, int]:

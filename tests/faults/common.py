@@ -18,8 +18,7 @@ from pipeline.config import EngineConfig
 from pipeline.engines import Engine, create_engine
 from pipeline.package import load_package
 from pipeline.predictor import Predictor
-from pipeline.records import Result
-from tests.integration.batch_helpers import jsonable
+from pipeline.records import Result, json_safe, record_bytes
 
 PROB_TOL = 1e-4
 """ONNX Runtime vs ONNX Runtime on differently padded batches"""
@@ -34,14 +33,14 @@ def keyed_records(workload: str, n: int, prefix: str, seed: int, *, broken: bool
     metadata field of that size to good records (a heavy flood)."""
     good = []
     for i, s in enumerate(sample_data.generate(workload, n, seed=seed, missing_rate=0.3)):
-        rec = {**jsonable(s.record), "id": f"{prefix}-{i}"}
+        rec = {**json_safe(s.record), "id": f"{prefix}-{i}"}
         if pad_bytes:
             rec["metadata"] = {"pad": "x" * pad_bytes}
         good.append((rec["id"], json.dumps(rec).encode(), None))
     bad = []
     if broken:
         for j, (rec, code) in enumerate(sample_data.broken_records(workload, seed)):
-            value = rec if isinstance(rec, bytes) else json.dumps(jsonable(rec)).encode()
+            value = record_bytes(rec)
             bad.append((f"{prefix}-bad-{j}", value, code))
     out: list[tuple[str, bytes, str | None]] = []
     step = max(1, len(good) // (len(bad) + 1))

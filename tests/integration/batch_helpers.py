@@ -8,9 +8,7 @@ only processes a test may kill).
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -18,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline import sample_data
+from pipeline.records import jsonl_line
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,10 +46,6 @@ def local_ray(num_cpus: int = 2, prefix: str = "mmray-t-") -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def jsonable(rec: dict) -> dict:
-    return {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in rec.items()}
-
-
 def write_jsonl(path: Path, lines: list[bytes]) -> dict[int, bytes]:
     """Write lines; returns byte offset -> line (what error rows' position is)."""
     offsets, pos = {}, 0
@@ -65,12 +60,10 @@ def write_jsonl(path: Path, lines: list[bytes]) -> dict[int, bytes]:
 def sample_lines(workload: str, n: int, seed: int) -> tuple[list[bytes], dict[bytes, str]]:
     """Good records and broken ones interleaved, as JSONL lines; and the
     reason code each broken line must get."""
-    good = [json.dumps(jsonable(s.record)).encode() for s in sample_data.generate(workload, n, seed=seed,
-                                                                                  missing_rate=0.3)]
+    good = [jsonl_line(s.record) for s in sample_data.generate(workload, n, seed=seed, missing_rate=0.3)]
     broken: dict[bytes, str] = {}
     for rec, code in sample_data.broken_records(workload, seed):
-        line = bytes(rec).replace(b"\n", b" ") if isinstance(rec, bytes) else json.dumps(jsonable(rec)).encode()
-        broken[line] = code
+        broken[jsonl_line(rec)] = code
     lines: list[bytes] = []
     bl = list(broken)
     for i, g in enumerate(good):

@@ -8,7 +8,6 @@ as a subprocess (for ``kill -9``, SIGTERM and restarts).
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -32,7 +31,7 @@ from pipeline.engines import Engine, create_engine
 from pipeline.metrics import get_metrics
 from pipeline.package import load_package
 from pipeline.predictor import Predictor
-from pipeline.records import Result
+from pipeline.records import Result, json_safe
 from pipeline.stream.consumer import StreamConsumer
 from tests.integration.kafka_broker import KafkaBroker, KafkaUnavailable
 
@@ -50,12 +49,8 @@ def start_broker(root: Path) -> KafkaBroker:
     return broker
 
 
-def jsonable(rec: dict) -> dict:
-    return {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in rec.items()}
-
-
 def good_records(workload: str, n: int, seed: int, prefix: str) -> list[dict]:
-    recs = [jsonable(s.record) for s in sample_data.generate(workload, n, seed=seed, missing_rate=0.3)]
+    recs = [json_safe(s.record) for s in sample_data.generate(workload, n, seed=seed, missing_rate=0.3)]
     return [{**r, "id": f"{prefix}-{i}"} for i, r in enumerate(recs)]
 
 

@@ -21,7 +21,6 @@ down.  No wall-clock assertions.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -47,7 +46,7 @@ from pipeline.engines.triton_engine import TritonEngine
 from pipeline.package import ModelPackage, load_package
 from pipeline.postprocess import head_result
 from pipeline.predictor import Predictor
-from pipeline.records import Result
+from pipeline.records import Result, json_safe, record_bytes
 from tests.integration.prometheus import PrometheusServer, prometheus_binary
 from tests.integration.serve_helpers import Server, free_port, running_serve, serve_app
 
@@ -110,10 +109,6 @@ def server(package_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
 def predictors(packages: dict[str, ModelPackage]) -> dict[str, Predictor]:
     return {w: Predictor(p, create_engine(p, EngineConfig(kind="onnxruntime", device="cpu", threads=1)))
             for w, p in packages.items()}
-
-
-def jsonable(rec: dict) -> dict:
-    return {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in rec.items()}
 
 
 @pytest.fixture(scope="module")
@@ -269,8 +264,8 @@ def _broken(workload: str) -> list[tuple[bytes | dict, str]]:
 @pytest.mark.parametrize("workload", WORKLOADS)
 def test_ensemble_records(server, packages, predictors, records, workload, binary) -> None:
     pred, pkg = predictors[workload], packages[workload]
-    good = [json.dumps(jsonable(r)).encode() for r in records[workload]]
-    broken = [(r if isinstance(r, bytes) else json.dumps(jsonable(r)).encode(), c) for r, c in _broken(workload)]
+    good = [json.dumps(json_safe(r)).encode() for r in records[workload]]
+    broken = [(record_bytes(r), c) for r, c in _broken(workload)]
     if not binary:  # JSON carries BYTES as UTF-8 text only
         broken = [(r, c) for r, c in broken if _utf8(r)]
     raws = [good[0], *(r for r, _ in broken), *good[1:]]
@@ -305,14 +300,14 @@ def _utf8(b: bytes) -> bool:
 @pytest.mark.parametrize("workload", WORKLOADS)
 def test_friendly_json(server, predictors, records, workload) -> None:
     pred = predictors[workload]
-    recs = [jsonable(r) for r in records[workload]]
+    recs = [json_safe(r) for r in records[workload]]
     # One record: one Result; the workload comes from the URL when absent.
     single = {k: v for k, v in recs[1].items() if k != "workload"}
     r = requests.post(f"{server.url}/v1/{workload}/predict", json=single, timeout=60)
     assert r.status_code == 200, r.text
     assert_same([r.json()], pred.predict([records[workload][1]]))
     # A batch with broken records: each gets its reason, the rest answer (200).
-    broken = [(r.decode() if isinstance(r, bytes) else jsonable(r), c) for r, c in _broken(workload)
+    broken = [(r.decode() if isinstance(r, bytes) else json_safe(r), c) for r, c in _broken(workload)
               if not isinstance(r, bytes) or _utf8(r)]
     batch = [recs[0], *(b for b, _ in broken), *recs[1:]]
     r = requests.post(f"{server.url}/v1/{workload}/predict", json={"records": batch}, timeout=60)
@@ -429,7 +424,7 @@ def test_broken_package_replica_is_not_ready_and_never_serves(server, packages, 
                         "data": a.tolist()} for n, a in feeds.items()]}
     r = requests.post(f"{base}/v2/models/retail-fusion/infer", json=body, timeout=30)
     assert r.status_code == 503 and "not ready" in r.json()["error"]
-    r = requests.post(f"{base}/v1/retail/predict", json=jsonable(records["retail"][0]), timeout=30)
+    r = requests.post(f"{base}/v1/retail/predict", json=json_safe(records["retail"][0]), timeout=30)
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
     # The healthy application beside it is unaffected.
     assert requests.get(f"{server.url}/v2/health/ready", timeout=30).status_code == 200
@@ -448,7 +443,7 @@ def _batch_hist(text: str, model: str) -> tuple[float, float]:
 
 
 def test_dynamic_batching_merges_concurrent_requests(server, records) -> None:
-    recs = [jsonable(r) for r in records["retail"]]
+    recs = [json_safe(r) for r in records["retail"]]
     statuses: list[int] = []
 
     def one(i: int, barrier: threading.Barrier) -> None:
@@ -548,7 +543,7 @@ def test_prometheus_scrapes_the_request_count(server, prometheus_bin, records) -
         assert seen == before, (f"prometheus never saw the starting count {before} (last {seen}); "
                                 f"targets: {prom.targets()}\n{prom.log}")
         for rec in records[workload][1 : 1 + n]:
-            single = {k: v for k, v in jsonable(rec).items() if k != "workload"}
+            single = {k: v for k, v in json_safe(rec).items() if k != "workload"}
             r = requests.post(f"{server.url}/v1/{workload}/predict", json=single, timeout=60)
             assert r.status_code == 200 and "error" not in r.json(), r.text
         seen = wait_for(before + n)

@@ -30,7 +30,7 @@ from pipeline.engines import create_engine
 from pipeline.metrics import get_metrics
 from pipeline.package import load_package
 from pipeline.predictor import Predictor
-from pipeline.records import Result
+from pipeline.records import Result, record_bytes
 from pipeline.stream.consumer import StreamError
 from tests.integration.kafka_broker import (
     SASL_PASSWORD,
@@ -46,7 +46,6 @@ from tests.integration.stream_helpers import (
     assert_same,
     good_records,
     ids_of,
-    jsonable,
     metric,
     produce,
     run_inprocess,
@@ -121,10 +120,10 @@ def test_poison_records_go_to_the_dlq_and_the_rest_is_processed(broker, packages
         values.append(json.dumps(r).encode())
         if i % 2 == 0 and broken:
             rec, reason = broken.pop()
-            values.append(rec if isinstance(rec, bytes) else json.dumps(jsonable(rec)).encode())
+            values.append(record_bytes(rec))
             reasons[len(values) - 1] = reason
     for rec, reason in broken:
-        values.append(rec if isinstance(rec, bytes) else json.dumps(jsonable(rec)).encode())
+        values.append(record_bytes(rec))
         reasons[len(values) - 1] = reason
     assert {"bad_json", "image_corrupt", "text_too_long"} <= set(reasons.values())
     produce(broker.bootstrap, names[0], values)

@@ -20,7 +20,6 @@ python-based stand-in for the onnxruntime backend (see
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import socket
@@ -53,7 +52,7 @@ from pipeline.package import ModelPackage, load_package
 from pipeline.postprocess import head_result, sigmoid, softmax
 from pipeline.predictor import Predictor
 from pipeline.preprocess import Preprocessor
-from pipeline.records import ErrorInfo, Result
+from pipeline.records import ErrorInfo, Result, json_safe, record_bytes
 
 WORKLOADS = ("medical", "retail")
 PROB_TOL = 1e-4
@@ -88,10 +87,6 @@ def server(packages: dict[str, ModelPackage], tmp_path_factory: pytest.TempPathF
         assert not srv.group_alive(), "tritonserver or a python-backend stub outlived the test module"
 
 
-def jsonable(rec: dict) -> dict:
-    return {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in rec.items()}
-
-
 @pytest.fixture(scope="module")
 def records() -> dict[str, dict[str, list]]:
     """Per workload: good records (dicts with raw media, and their JSON bytes)
@@ -99,9 +94,9 @@ def records() -> dict[str, dict[str, list]]:
     out = {}
     for w in WORKLOADS:
         good = [s.record for s in sample_data.generate(w, 12, seed=31, missing_rate=0.3)]
-        broken = [(r if isinstance(r, bytes) else json.dumps(jsonable(r)).encode(), code)
+        broken = [(record_bytes(r), code)
                   for r, code in sample_data.broken_records(w, seed=2)]
-        out[w] = {"good": good, "good_json": [json.dumps(jsonable(r)).encode() for r in good], "broken": broken}
+        out[w] = {"good": good, "good_json": [json.dumps(json_safe(r)).encode() for r in good], "broken": broken}
     return out
 
 

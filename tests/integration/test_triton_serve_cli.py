@@ -7,7 +7,6 @@ Plus the clear errors (exit 2) for a missing repository or binary."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -23,6 +22,7 @@ import pytest
 
 pytest.importorskip("pytriton", reason="mmpipe serve --backend triton tests need nvidia-pytriton")
 
+from pipeline.records import json_safe
 from tests.integration import triton_server as ts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,10 +33,6 @@ PROB_TOL = 1e-4
 def mmpipe(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, **kw)
-
-
-def jsonable(rec: dict) -> dict:
-    return {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in rec.items()}
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -111,7 +107,7 @@ def test_serve_triton_answers_like_the_local_predictor_and_stops_cleanly(repo, t
             loaded = {m["name"] for m in client.get_model_repository_index() if m.get("state") == "READY"}
             assert loaded == {f"{pkg.name}_cpu", f"{pkg.name}_preprocess", f"{pkg.name}_ensemble_cpu"}
             record = sample_data.generate(WORKLOAD, 1, seed=5)[0].record
-            raw = json.dumps(jsonable(record)).encode()
+            raw = json.dumps(json_safe(record)).encode()
             inp = httpclient.InferInput("RECORD", [1, 1], "BYTES")
             inp.set_data_from_numpy(np.array([raw], dtype=np.object_).reshape(1, 1), binary_data=True)
             heads = [h.name for h in pkg.spec.heads]

@@ -26,6 +26,7 @@ from pipeline.errors import Reason
 from pipeline.metrics import Metrics
 from pipeline.package import load_package
 from pipeline.predictor import Predictor
+from pipeline.records import json_safe
 from pipeline.stream.stages import InMessage, PredictStage
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -43,8 +44,7 @@ def stage(tiny_packages: dict[str, Path]) -> PredictStage:
 
 @pytest.fixture(scope="module")
 def good() -> list[dict]:
-    return [{k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in s.record.items()}
-            for s in sample_data.generate("medical", 4, seed=11)]
+    return [json_safe(s.record) for s in sample_data.generate("medical", 4, seed=11)]
 
 
 def _mutate_media(record: dict, data: st.DataObject) -> dict:

@@ -30,7 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pipeline import sample_data as sd
 from pipeline.config import MediaConfig
 from pipeline.errors import Reason, RecordError
-from pipeline.records import MODALITY_FIELDS, Record, parse_record, resolve_media
+from pipeline.records import MODALITY_FIELDS, Record, json_safe, parse_record, resolve_media
 from pipeline.spec import load_workload
 
 N_DECODE = 150  # records per workload whose media are fully decoded
@@ -121,7 +121,7 @@ def test_generate_is_deterministic(workload: str, tmp_path: Path) -> None:
 def _digest(samples: list[sd.Sample]) -> str:
     h = hashlib.sha256()
     for s in samples:
-        h.update(json.dumps(sd._jsonable(s.record), sort_keys=True).encode())
+        h.update(json.dumps(json_safe(s.record), sort_keys=True).encode())
         h.update(json.dumps([s.labels, s.spans], sort_keys=True).encode())
     return h.hexdigest()
 
@@ -171,7 +171,7 @@ def test_records_validate(workload: str, data: dict[str, list[sd.Sample]]) -> No
         rec = Record.model_validate(s.record)
         assert rec.modalities(), "every record carries at least one modality"
         assert _fields(s.record) <= allowed
-        parsed = parse_record(json.dumps(sd._jsonable(s.record)).encode(), spec.limits)
+        parsed = parse_record(json.dumps(json_safe(s.record)).encode(), spec.limits)
         assert parsed.id == s.record["id"]
         if "text" in s.record:
             assert len(re.findall(r"\w+|[^\w\s]", s.record["text"])) <= max_tokens

@@ -8,10 +8,8 @@ ships (the schema Triton itself loads), for every combination of options.
 from __future__ import annotations
 
 import argparse
-import base64
 import importlib.util
 import itertools
-import json
 import shutil
 from pathlib import Path
 from types import ModuleType
@@ -41,6 +39,7 @@ from pipeline.errors import PackageError  # noqa: E402
 from pipeline.package import load_package, sha256_file  # noqa: E402
 from pipeline.predictor import Predictor  # noqa: E402
 from pipeline.preprocess import Preprocessor  # noqa: E402
+from pipeline.records import record_bytes  # noqa: E402
 from tests.integration.triton_server import onnx_package  # noqa: E402
 
 MC = model_config_pb2.ModelConfig
@@ -67,11 +66,6 @@ def load_backend_model(name: str) -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def jsonable(rec: dict) -> bytes:
-    return json.dumps({k: base64.b64encode(v).decode() if isinstance(v, bytes) else v
-                       for k, v in rec.items()}).encode()
 
 
 # -- layout ----------------------------------------------------------------------------------
@@ -315,9 +309,9 @@ def test_preprocess_featurize_matches_the_predictor(onnx_pkgs: dict[str, Path]) 
     pkg = load_package(onnx_pkgs["medical"])
     pre = Preprocessor(pkg.spec, pkg.text_encoder())
     seq = pkg.spec.preprocessing.text.max_length
-    good = [jsonable(s.record) for s in sample_data.generate("medical", 5, seed=21, missing_rate=0.3)]
+    good = [record_bytes(s.record) for s in sample_data.generate("medical", 5, seed=21, missing_rate=0.3)]
     broken = sample_data.broken_records("medical")[:6]
-    raws = [good[0], *[r if isinstance(r, bytes) else jsonable(r) for r, _ in broken], *good[1:]]
+    raws = [good[0], *[r if isinstance(r, bytes) else record_bytes(r) for r, _ in broken], *good[1:]]
     specs = [{"name": t.name, "dtype": t.dtype, "dims": [seq if d == "sequence" else d for d in t.shape[1:]]}
              for t in pkg.manifest.signature.inputs]
     out = mod.featurize(pre, raws, specs, seq)
