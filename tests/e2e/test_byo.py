@@ -50,10 +50,10 @@ from pipeline.predictor import Predictor  # noqa: E402
 from pipeline.preprocess import Preprocessor  # noqa: E402
 from pipeline.records import Result  # noqa: E402
 from pipeline.tokenizer import TextEncoder, train_wordpiece  # noqa: E402
+from tests.compare import assert_same  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "byo"
-PROB_TOL = 1e-4
 WAYS = ("module", "hf", "onnx")
 WORKLOAD = {"module": "shop", "hf": "gallery", "onnx": "shop-onnx"}
 PROMPTS = ["a shirt or dress", "a phone or laptop", "food from the grocery", "a chair or table", "a toy"]
@@ -237,17 +237,6 @@ def reference_results(way: Way) -> list[Result]:
             for i, p in enumerate(prepared)]
 
 
-def assert_same(got: list[Result] | list[dict], want: list[Result]) -> None:
-    got = [g if isinstance(g, Result) else Result.model_validate(g) for g in got]
-    assert [g.id for g in got] == [w.id for w in want]
-    for g, w in zip(got, want, strict=True):
-        assert g.error is None, (g.id, g.error)
-        assert g.heads is not None and w.heads is not None and set(g.heads) == set(w.heads)
-        for name, wh in w.heads.items():
-            gh = g.heads[name]
-            assert [ls.label for ls in gh.labels] == [ls.label for ls in wh.labels], (g.id, name)
-            for lab, score in wh.scores.items():
-                assert abs(gh.scores[lab] - score) <= PROB_TOL, (g.id, name, lab)
 
 
 def onnx_predictor(pkg: ModelPackage, path: str = "cli") -> Predictor:

@@ -19,9 +19,7 @@ from pipeline.engines import Engine, create_engine
 from pipeline.package import load_package
 from pipeline.predictor import Predictor
 from pipeline.records import Result, json_safe, record_bytes
-
-PROB_TOL = 1e-4
-"""ONNX Runtime vs ONNX Runtime on differently padded batches"""
+from tests.compare import difference
 
 
 def keyed_records(workload: str, n: int, prefix: str, seed: int, *, broken: bool = True,
@@ -67,28 +65,11 @@ def expected_results(package_dir: Path, records: Iterable[tuple[str, bytes, str 
         pred.close()
 
 
-def differs(got: Result, want: Result) -> bool:
-    """Whether a result differs from the reference: another error code,
-    other labels or spans, or a score off by more than PROB_TOL."""
-    if got.error is not None or want.error is not None:
-        return (got.error.code if got.error else None) != (want.error.code if want.error else None)
-    if set(got.heads or {}) != set(want.heads or {}):
-        return True
-    for name, wh in (want.heads or {}).items():
-        gh = (got.heads or {})[name]
-        if [ls.label for ls in gh.labels] != [ls.label for ls in wh.labels]:
-            return True
-        if any(abs(gh.scores.get(k, -1.0) - v) > PROB_TOL for k, v in wh.scores.items()):
-            return True
-        if wh.spans is not None and [(s.start, s.end, s.label) for s in gh.spans or []] != \
-                [(s.start, s.end, s.label) for s in wh.spans]:
-            return True
-    return False
 
 
 def count_mismatches(got: Iterable[Result], want: Mapping[str, Result]) -> int:
     """Results (every delivery, repeats included) that differ from the reference."""
-    return sum(1 for g in got if g.id in want and differs(g, want[g.id]))
+    return sum(1 for g in got if g.id in want and difference(g, want[g.id]) is not None)
 
 
 class SlowEngine:

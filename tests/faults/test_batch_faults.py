@@ -37,7 +37,8 @@ from pipeline.batch import JobOptions, run_batch
 from pipeline.batch.output import read_errors, read_results, read_summary
 from pipeline.config import BatchConfig, EngineConfig, Settings
 from pipeline.records import Result
-from tests.faults.common import differs, reference_predictor
+from tests.compare import difference
+from tests.faults.common import reference_predictor
 from tests.faults.outcome import FaultOutcome, account
 from tests.integration import batch_helpers
 from tests.integration.batch_helpers import sample_lines, write_jsonl
@@ -67,7 +68,8 @@ def batch_outcome(case: str, offsets: dict[int, bytes], want: dict[int, Result],
                   errors: list[dict[str, Any]], *, notes: str, details: dict[str, Any]) -> FaultOutcome:
     """Account result and error rows by input position; results must be the
     reference's, error rows must carry the reference's reason code."""
-    mismatches = sum(1 for r in results if differs(Result.model_validate_json(r["result"]), want[r["position"]]))
+    mismatches = sum(1 for r in results
+                     if difference(Result.model_validate_json(r["result"]), want[r["position"]]) is not None)
     mismatches += sum(1 for e in errors if want[e["position"]].error is None
                       or want[e["position"]].error.code != e["error_code"])
     return account(case, "batch", [str(p) for p in offsets], [str(r["position"]) for r in results],

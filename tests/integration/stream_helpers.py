@@ -31,12 +31,11 @@ from pipeline.engines import Engine, create_engine
 from pipeline.metrics import get_metrics
 from pipeline.package import load_package
 from pipeline.predictor import Predictor
-from pipeline.records import Result, json_safe
+from pipeline.records import json_safe
 from pipeline.stream.consumer import StreamConsumer
 from tests.integration.kafka_broker import KafkaBroker, KafkaUnavailable
 
 REPO = Path(__file__).resolve().parents[2]
-PROB_TOL = 1e-4
 
 
 def start_broker(root: Path) -> KafkaBroker:
@@ -186,15 +185,6 @@ def run_inprocess(cfg: dict, tmp: Path, *, expect: int | None = None, idle_s: fl
     return consumer, registry
 
 
-def assert_same(got: list[Result], want: list[Result]) -> None:
-    assert [r.id for r in got] == [r.id for r in want]
-    for g, w in zip(got, want, strict=True):
-        assert g.error is None and w.error is None and g.heads is not None and w.heads is not None
-        for name, wh in w.heads.items():
-            gh = g.heads[name]
-            assert [ls.label for ls in gh.labels] == [ls.label for ls in wh.labels], (g.id, name)
-            for lab, score in wh.scores.items():
-                assert abs(gh.scores[lab] - score) <= PROB_TOL, (g.id, name, lab)
 
 
 def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:

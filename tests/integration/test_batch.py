@@ -47,6 +47,7 @@ from pipeline.engines import create_engine
 from pipeline.package import load_package
 from pipeline.predictor import Predictor
 from pipeline.records import Result
+from tests.compare import assert_same as assert_same_list
 from tests.integration import batch_helpers
 from tests.integration import triton_server as ts
 from tests.integration.batch_helpers import sample_lines, write_jsonl
@@ -55,7 +56,6 @@ from tests.integration.pushgateway import Pushgateway, pushgateway_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKLOADS = ("medical", "retail", "media")
-PROB_TOL = 1e-4
 RUN_DATE = "2026-05-01"
 
 
@@ -92,18 +92,13 @@ def reference(pkg_dir: Path, raws: list, media: MediaConfig | None = None) -> li
         pred.close()
 
 
+
+
 def assert_same(got: Result, want: Result) -> None:
-    """Same labels and spans; scores within PROB_TOL (batches are padded differently)."""
-    assert got.id == want.id and got.error is None and want.error is None, (got.id, want.error)
-    assert got.model == want.model and got.model_version == want.model_version
-    assert set(got.heads or {}) == set(want.heads or {})
-    for name, wh in (want.heads or {}).items():
-        gh = got.heads[name]
-        assert [ls.label for ls in gh.labels] == [ls.label for ls in wh.labels], (got.id, name)
-        for lab, score in wh.scores.items():
-            assert abs(gh.scores[lab] - score) <= PROB_TOL, (got.id, name, lab)
-        if wh.spans is not None:
-            assert [(s.start, s.end, s.label) for s in gh.spans] == [(s.start, s.end, s.label) for s in wh.spans]
+    """One result row against the reference: the same model and version, and
+    the same answer (tests.compare)."""
+    assert got.model == want.model and got.model_version == want.model_version, got.id
+    assert_same_list([got], [want])
 
 
 def check_run(out: Path, workload: str, offsets: dict[int, bytes], want: list[Result],

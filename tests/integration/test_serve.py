@@ -47,6 +47,7 @@ from pipeline.package import ModelPackage, load_package
 from pipeline.postprocess import head_result
 from pipeline.predictor import Predictor
 from pipeline.records import Result, json_safe, record_bytes
+from tests.compare import assert_same
 from tests.integration.prometheus import PrometheusServer, prometheus_binary
 from tests.integration.serve_helpers import Server, free_port, running_serve, serve_app
 
@@ -58,7 +59,6 @@ requests = pytest.importorskip("requests")
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKLOADS = ("medical", "retail")
-PROB_TOL = 1e-4
 MAX_BODY = 4 << 20
 MAX_RECORDS = 64
 MARKER = "zebra-quartz-7731"
@@ -122,23 +122,6 @@ def records() -> dict[str, list[dict]]:
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
-def assert_same(got: list[dict] | list[Result], want: list[Result]) -> None:
-    """Same ids, same errors, same labels and spans; scores within PROB_TOL."""
-    got = [g if isinstance(g, Result) else Result.model_validate(g) for g in got]
-    assert [r.id for r in got] == [r.id for r in want]
-    for g, w in zip(got, want, strict=True):
-        assert (g.error.code if g.error else None) == (w.error.code if w.error else None), g.id
-        if w.error:
-            continue
-        assert g.heads is not None and w.heads is not None and set(g.heads) == set(w.heads)
-        for name, wh in w.heads.items():
-            gh = g.heads[name]
-            assert [ls.label for ls in gh.labels] == [ls.label for ls in wh.labels], (g.id, name)
-            for lab, score in wh.scores.items():
-                assert abs(gh.scores[lab] - score) <= PROB_TOL, (g.id, name, lab)
-            if wh.spans is not None:
-                assert [(s.start, s.end, s.label) for s in gh.spans] == [(s.start, s.end, s.label) for s in wh.spans]
-                assert all(abs(a.score - b.score) <= PROB_TOL for a, b in zip(gh.spans, wh.spans, strict=True))
 
 
 def results_from_logits(pred: Predictor, ids: list[str], logits: dict[str, np.ndarray],

@@ -32,6 +32,7 @@ from pipeline.package import load_package
 from pipeline.predictor import Predictor
 from pipeline.records import Result, record_bytes
 from pipeline.stream.consumer import StreamError
+from tests.compare import assert_same
 from tests.integration.kafka_broker import (
     SASL_PASSWORD,
     SASL_USER,
@@ -43,7 +44,6 @@ from tests.integration.kafka_broker import (
 from tests.integration.stream_helpers import (
     Reader,
     StreamProc,
-    assert_same,
     good_records,
     ids_of,
     metric,

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.compare import PROB_TOL, assert_same
 from tests.integration import triton_server as ts
 
 try:
@@ -47,7 +48,7 @@ from exporters.triton_repo import DEPLOY_DIR, build_triton_repo, repository_mode
 from pipeline import sample_data
 from pipeline.config import EngineConfig
 from pipeline.engines import create_engine
-from pipeline.engines.triton_engine import TritonEngine, TritonEngineError
+from pipeline.engines.triton_engine import TritonEngine, TritonEngineError, TritonUnavailable
 from pipeline.package import ModelPackage, load_package
 from pipeline.postprocess import head_result, sigmoid, softmax
 from pipeline.predictor import Predictor
@@ -55,7 +56,6 @@ from pipeline.preprocess import Preprocessor
 from pipeline.records import ErrorInfo, Result, json_safe, record_bytes
 
 WORKLOADS = ("medical", "retail")
-PROB_TOL = 1e-4
 
 
 # -- fixtures ----------------------------------------------------------------------------------------
@@ -116,22 +116,6 @@ def probs(head_type: str, logits: np.ndarray) -> np.ndarray:
     return sigmoid(logits) if head_type == "multilabel" else softmax(logits)
 
 
-def assert_same_results(got: list[Result], want: list[Result]) -> None:
-    """Same ids, same errors, same labels and spans; scores within PROB_TOL."""
-    assert [r.id for r in got] == [r.id for r in want]
-    for g, w in zip(got, want, strict=True):
-        assert (g.error.code if g.error else None) == (w.error.code if w.error else None), g.id
-        if w.error:
-            continue
-        assert g.heads is not None and w.heads is not None and set(g.heads) == set(w.heads)
-        for name, wh in w.heads.items():
-            gh = g.heads[name]
-            assert [ls.label for ls in gh.labels] == [ls.label for ls in wh.labels], (g.id, name)
-            for lab, score in wh.scores.items():
-                assert abs(gh.scores[lab] - score) <= PROB_TOL, (g.id, name, lab)
-            if wh.spans is not None:
-                assert [(s.start, s.end, s.label) for s in gh.spans] == [(s.start, s.end, s.label) for s in wh.spans]
-                assert all(abs(a.score - b.score) <= PROB_TOL for a, b in zip(gh.spans, wh.spans, strict=True))
 
 
 def infer_tensors(server: ts.TritonServer, how: str, model: str, feeds: dict[str, np.ndarray],
@@ -301,7 +285,7 @@ def test_ensemble_takes_raw_records_and_isolates_broken_ones(
         got.append(Result(id=w.id, model=pkg.name, model_version=pkg.version, heads={
             h.name: head_result(h, out[h.name][i], offsets if h.type == "token" else None) for h in pkg.spec.heads
         }))
-    assert_same_results(got, want)
+    assert_same(got, want)
     codes = [r.error.code for r in want if r.error]
     assert sorted(codes) == sorted(code for _, code in broken), "every broken record has its own reason code"
     assert sum(1 for r in want if r.ok) == len(good)
@@ -345,7 +329,7 @@ def test_predictor_with_triton_engine_matches_torch(
     finally:
         predictor.close()
     want = torch_predictors[workload].predict(raws)
-    assert_same_results(got, want)
+    assert_same(got, want)
     assert all(r.engine == "triton" and r.provider == engine.provider for r in got)
     assert sum(r.ok for r in got) == len(records[workload]["good"])
 
@@ -382,11 +366,10 @@ def test_engine_fails_fast_on_bad_requests_and_retries_when_unavailable(server, 
     with socket.socket() as mute:
         mute.bind(("127.0.0.1", 0))
         mute.listen(4)
-        t0 = time.monotonic()
-        with pytest.raises(TritonEngineError, match="timed out") as info:
+        with pytest.raises(TritonEngineError, match=r"timed out .*not retried") as info:
             TritonEngine(f"127.0.0.1:{mute.getsockname()[1]}", "m", protocol=protocol, input_specs=specs,
                          output_names=outs, timeout_s=0.5, retries=3)
-        assert not info.value.retriable and time.monotonic() - t0 < 5
+        assert not info.value.retriable and not isinstance(info.value, TritonUnavailable)
 
 
 # -- privacy ----------------------------------------------------------------------------------------------------

@@ -23,11 +23,11 @@ import pytest
 pytest.importorskip("pytriton", reason="mmpipe serve --backend triton tests need nvidia-pytriton")
 
 from pipeline.records import json_safe
+from tests.compare import PROB_TOL
 from tests.integration import triton_server as ts
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKLOAD = "retail"
-PROB_TOL = 1e-4
 
 
 def mmpipe(*args: str, **kw) -> subprocess.CompletedProcess:
