@@ -206,8 +206,10 @@ def _adapter_base() -> type:
         """Inputs in signature order in, outputs in signature order out,
         plus ``run(feeds) -> dict`` (what the exporter and parity use)."""
 
-        input_names: list[str]
-        output_names: list[str]
+        def __init__(self, sig: SignatureFile) -> None:
+            super().__init__()
+            self.input_names = [i.name for i in sig.inputs]
+            self.output_names = [o.name for o in sig.outputs]
 
         def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
             import torch
@@ -223,10 +225,8 @@ def module_adapter(module: Any, sig: SignatureFile) -> Any:
 
     class ModuleAdapter(_adapter_base()):  # type: ignore[misc]
         def __init__(self) -> None:
-            super().__init__()
+            super().__init__(sig)
             self.inner = module
-            self.input_names = [i.name for i in sig.inputs]
-            self.output_names = [o.name for o in sig.outputs]
 
         def forward(self, *args: Any) -> tuple[Any, ...]:
             out = self.inner(**dict(zip(self.input_names, args, strict=True)))
@@ -247,10 +247,8 @@ def hf_adapter(model: Any, sig: SignatureFile, prompt_ids: dict[str, tuple[np.nd
 
     class HFAdapter(_adapter_base()):  # type: ignore[misc]
         def __init__(self) -> None:
-            super().__init__()
+            super().__init__(sig)
             self.model = model
-            self.input_names = [i.name for i in sig.inputs]
-            self.output_names = [o.name for o in sig.outputs]
             self.fields = {o.name: o.from_ or "logits" for o in sig.outputs if not o.prompts}
             self.zero_shot = [o.name for o in sig.outputs if o.prompts]
             if self.zero_shot:
