@@ -171,38 +171,35 @@ def _read_lines(stream: IO[bytes], chunk: int) -> Iterator[list[bytes]]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pipeline.config import load_settings
+    from pipeline.config import apply_overrides, load_settings
     from pipeline.predictor import Predictor
 
-    settings = load_settings(args.config)
-    if args.engine:
-        settings.engine.kind = args.engine
-    if args.batch_size:
-        settings.predict.batch_size = args.batch_size
+    settings = apply_overrides(load_settings(args.config), engine=args.engine, batch_size=args.batch_size)
     predictor = Predictor.from_settings(settings, args.package, path="cli")
     if settings.metrics.enabled and settings.metrics.port:
         from prometheus_client import start_http_server
 
         start_http_server(settings.metrics.port)  # scrapeable while a long run goes on
     src = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
-    dst = sys.stdout if args.output == "-" else open(args.output, "w")  # noqa: SIM115
-    counts: dict[str, int] = {"in": 0, "ok": 0}
+    dst = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")  # noqa: SIM115
+    total = ok = 0
+    errors: dict[str, int] = {}
     try:
         for lines in _read_lines(src, predictor.batch_size * 4):
-            for res in predictor.predict(lines):
-                counts["in"] += 1
-                if res.error is None:
-                    counts["ok"] += 1
-                else:
-                    counts[f"error:{res.error.code}"] = counts.get(f"error:{res.error.code}", 0) + 1
-                dst.write(res.model_dump_json(exclude_none=True) + "\n")
+            results = predictor.predict_batch(lines)
+            total += results.size
+            ok += results.ok_count
+            for code in results.error_codes():
+                errors[code] = errors.get(code, 0) + 1
+            dst.write(b"".join(line + b"\n" for line in results.json_lines()))
+            dst.flush()
     finally:
         if src is not sys.stdin.buffer:
             src.close()
-        if dst is not sys.stdout:
+        if dst is not sys.stdout.buffer:
             dst.close()
-    errors = {k[6:]: v for k, v in counts.items() if k.startswith("error:")}
-    print(f"{counts['in']} records in, {counts['ok']} results, {sum(errors.values())} errors"
+        predictor.close()
+    print(f"{total} records in, {ok} results, {sum(errors.values())} errors"
           + (f" {errors}" if errors else ""), file=sys.stderr)
     return 0
 

@@ -249,3 +249,16 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration:\n{exc}") from exc
+
+
+def apply_overrides(settings: Settings, *, engine: str | None = None, batch_size: int | None = None,
+                    batch_section: str = "predict") -> Settings:
+    """The command-line overrides every CLI offers (``--engine``,
+    ``--batch-size``), applied in one place; ``batch_section`` names the
+    config section whose ``batch_size`` the flag sets (``predict`` or
+    ``batch``).  Changes ``settings`` in place and returns it."""
+    if engine:
+        settings.engine.kind = engine  # type: ignore[assignment]
+    if batch_size:
+        getattr(settings, batch_section).batch_size = batch_size
+    return settings

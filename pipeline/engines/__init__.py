@@ -7,11 +7,17 @@ from pipeline.engines.base import Engine, EngineUnavailable
 from pipeline.package import ModelPackage
 
 
+def resolve_kind(package: ModelPackage, kind: str) -> str:
+    """What ``engine.kind: auto`` means for ``package``: ONNX Runtime when
+    the package has an ONNX export, else the PyTorch reference."""
+    if kind != "auto":
+        return kind
+    return "onnxruntime" if "onnx-fp32" in package.manifest.variants else "torch"
+
+
 def create_engine(package: ModelPackage, cfg: EngineConfig) -> Engine:
     """Build the configured engine for a verified package."""
-    kind = cfg.kind
-    if kind == "auto":
-        kind = "onnxruntime" if "onnx-fp32" in package.manifest.variants else "torch"
+    kind = resolve_kind(package, cfg.kind)
     if kind == "torch":
         from pipeline.engines.torch_engine import TorchEngine
 
@@ -30,7 +36,7 @@ def create_engine(package: ModelPackage, cfg: EngineConfig) -> Engine:
     )
 
 
-__all__ = ["Engine", "EngineUnavailable", "create_engine"]
+__all__ = ["Engine", "EngineUnavailable", "create_engine", "resolve_kind"]
 
 
 def _onnx_engine(package: ModelPackage, cfg: EngineConfig) -> Engine:
