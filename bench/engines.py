@@ -32,13 +32,13 @@ sys.path.insert(0, str(ROOT))
 from exporters import parity  # noqa: E402
 from exporters.onnx_export import export_package  # noqa: E402
 from exporters.package import build_package  # noqa: E402
-from pipeline import sample_data  # noqa: E402
 from pipeline.config import EngineConfig  # noqa: E402
 from pipeline.engines import create_engine  # noqa: E402
 from pipeline.package import load_package  # noqa: E402
 from pipeline.preprocess import Preprocessor  # noqa: E402
 from pipeline.spec import load_workload  # noqa: E402
-from pipeline.train import train  # noqa: E402
+from pipeline.tooling import sample_data  # noqa: E402
+from pipeline.tooling.train import train  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 

@@ -37,7 +37,6 @@ import numpy as np  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from bench.models import MODELS  # noqa: E402
-from pipeline import sample_data  # noqa: E402
 from pipeline.config import EngineConfig  # noqa: E402
 from pipeline.engines import create_engine  # noqa: E402
 from pipeline.metrics import get_metrics  # noqa: E402
@@ -45,6 +44,7 @@ from pipeline.package import load_package  # noqa: E402
 from pipeline.postprocess import head_columns  # noqa: E402
 from pipeline.predictor import Predictor  # noqa: E402
 from pipeline.records import jsonl_line, parse_record, resolve_media  # noqa: E402
+from pipeline.tooling import sample_data  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 AIMS = {"small": 0.5, "production": 0.9}

@@ -54,8 +54,8 @@ def sample_prepared(pkg: ModelPackage, records: list | None, n: int = 96, seed: 
     missing)."""
     pre = Preprocessor.for_package(pkg)
     if records is None:
-        from pipeline import sample_data
         from pipeline.spec import BUILTIN_WORKLOADS
+        from pipeline.tooling import sample_data
 
         if pkg.spec.name not in BUILTIN_WORKLOADS:
             raise ExportError(
@@ -320,7 +320,7 @@ def export_package(
     if unknown:
         raise ExportError(f"unknown variants {sorted(unknown)}; choose from {sorted(VARIANT_FILES)}")
     if model is None:
-        from pipeline.engines.torch_engine import load_model
+        from pipeline.tooling.torch_engine import load_model
 
         if "torch" not in pkg.manifest.variants:
             raise PackageError(f"package {pkg.name} has no PyTorch weights to export from")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+
 from pipeline.config import EngineConfig
 from pipeline.engines.base import Engine, EngineUnavailable
 from pipeline.package import ModelPackage
+
+TORCH_ENGINE_MODULE = "pipeline.tooling.torch_engine"
 
 
 def resolve_kind(package: ModelPackage, kind: str) -> str:
@@ -19,7 +23,10 @@ def create_engine(package: ModelPackage, cfg: EngineConfig) -> Engine:
     """Build the configured engine for a verified package."""
     kind = resolve_kind(package, cfg.kind)
     if kind == "torch":
-        from pipeline.engines.torch_engine import TorchEngine
+        # The PyTorch reference lives with the model family (tooling); it is
+        # loaded by name, only when a config asks for it, so the runtime
+        # never imports tooling or torch otherwise.
+        TorchEngine = importlib.import_module(TORCH_ENGINE_MODULE).TorchEngine
 
         variant = package.variant("torch")
         model_dir = package.path(variant.files[0]).parent

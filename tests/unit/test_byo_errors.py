@@ -92,7 +92,7 @@ def weights_for(user: Path, **kw: object) -> Path:
 def samples(user: Path, n: int = 10) -> Path:
     import base64
 
-    from pipeline.sample_data import generate
+    from pipeline.tooling.sample_data import generate
     lines = []
     for s in generate("retail", n, seed=1, missing_rate=0.0):
         lines.append(json.dumps({"id": s.record["id"], "workload": "shop",
@@ -306,7 +306,7 @@ def test_text_without_tokenizer(user: Path) -> None:
 
 
 def test_cli_reports_errors_without_traceback(user: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline.cli import main
+    from pipeline.tooling.cli import main
 
     rc = main(["package", "--module", "nowhere.x:Y", "--weights", "w.safetensors", "--signature",
                str(user / "sig.yaml"), "--out", str(user / "pkg")])

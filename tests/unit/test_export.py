@@ -15,14 +15,14 @@ pytest.importorskip("onnxruntime")
 
 from exporters.onnx_export import ExportError, export_package
 from exporters.package import build_package
-from pipeline import sample_data
 from pipeline.config import EngineConfig
 from pipeline.engines import create_engine
 from pipeline.errors import PackageError
 from pipeline.package import load_package, write_manifest
 from pipeline.predictor import Predictor
 from pipeline.spec import HeadSpec, load_workload
-from pipeline.train import train
+from pipeline.tooling import sample_data
+from pipeline.tooling.train import train
 
 
 def _all_heads_package(root: Path, fusion: str) -> Path:

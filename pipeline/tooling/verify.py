@@ -496,8 +496,8 @@ def _records(path: str | None, package: ModelPackage, n: int) -> list[Any]:
     if path:
         with open(path, "rb") as f:
             return [line for line in f.read().splitlines() if line.strip()]
-    from pipeline import sample_data
     from pipeline.spec import BUILTIN_WORKLOADS
+    from pipeline.tooling import sample_data
 
     if package.spec.name not in BUILTIN_WORKLOADS:
         raise SystemExit(f"package {package.name} is for workload {package.spec.name!r}, which has no built-in "

@@ -27,8 +27,8 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 # -- generate -------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pipeline import sample_data
     from pipeline.spec import load_workload
+    from pipeline.tooling import sample_data
 
     name = load_workload(args.workload).name
     out = Path(args.out)
@@ -45,8 +45,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _append_broken(path: Path, workload: str, seed: int) -> int:
     """Append deliberately broken records (one per line) to a records file."""
-    from pipeline import sample_data
     from pipeline.records import jsonl_line
+    from pipeline.tooling import sample_data
 
     broken = sample_data.broken_records(workload, seed)
     with path.open("ab") as fh:
@@ -57,9 +57,9 @@ def _append_broken(path: Path, workload: str, seed: int) -> int:
 
 # -- train --------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline import sample_data
     from pipeline.spec import load_workload
-    from pipeline.train import train
+    from pipeline.tooling import sample_data
+    from pipeline.tooling.train import train
 
     spec = load_workload(args.workload)
     if args.data:
@@ -206,7 +206,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 # -- demo ---------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.tooling.demo import run_demo
 
     return run_demo(Path(args.out), records=args.records, retrain=args.retrain)
 
@@ -384,7 +384,7 @@ sample records, both with label agreement >= 99%.""",
     from deploy.serve.cli import add_parser as add_serve
 
     add_serve(sub)
-    from pipeline.verify import add_parser as add_verify
+    from pipeline.tooling.verify import add_parser as add_verify
 
     add_verify(sub)
     from pipeline.batch.cli import add_parser as add_batch
