@@ -406,15 +406,21 @@ def test_dicom_reason_codes():
     _raises(Reason.DICOM_CORRUPT, load_dicom, b"not dicom", LIMITS)
 
 
-def test_dicom_compressed_without_decoder_says_so():
-    from pydicom.pixels import get_decoder
+def test_dicom_transfer_syntax_without_decoder_has_its_own_reason():
+    """A valid file in an encoding nothing installed decodes is not corrupt."""
+    from pydicom.uid import MPEG4HP41
 
-    data = _bundled("MR_small_jpeg_ls_lossless.dcm").read_bytes()
-    ts = pydicom.dcmread(io.BytesIO(data)).file_meta.TransferSyntaxUID
-    if get_decoder(ts).is_available:
-        pytest.skip("a JPEG-LS decoder is installed here")
-    err = _raises(Reason.DICOM_CORRUPT, load_image, data, LIMITS, allow_dicom=True)
-    assert "transfer syntax" in err.message and "no decoder" in err.message
+    ds = pydicom.dcmread(_bundled("MR_small_jpeg_ls_lossless.dcm"))
+    ds.file_meta.TransferSyntaxUID = MPEG4HP41  # pydicom has no decoder for video transfer syntaxes
+    err = _raises(
+        Reason.DICOM_UNSUPPORTED_TRANSFER_SYNTAX, load_image, _dcm_bytes(ds), LIMITS, allow_dicom=True
+    )
+    assert "MPEG-4" in err.message and MPEG4HP41 in err.message and "no installed decoder" in err.message
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4.5.6.7"  # outside the registry: not quoted
+    err = _raises(
+        Reason.DICOM_UNSUPPORTED_TRANSFER_SYNTAX, load_image, _dcm_bytes(ds), LIMITS, allow_dicom=True
+    )
+    assert "1.2.3.4.5.6.7" not in err.message
 
 
 def test_dicom_compressed_frame_size_checked_before_decoding():
