@@ -284,11 +284,26 @@ def test_image_truncated_is_corrupt():
 def test_image_unsupported_formats():
     _raises(Reason.IMAGE_UNSUPPORTED_FORMAT, load_image, RNG.bytes(1000), LIMITS)
     _raises(Reason.IMAGE_UNSUPPORTED_FORMAT, load_image, b"", LIMITS)
-    for fmt in ("GIF", "BMP", "TIFF"):
+    for fmt, name in (("PPM", "Netpbm"), ("ICO", "ICO"), ("PDF", "PDF"), ("JPEG2000", "JPEG 2000")):
         err = _raises(
-            Reason.IMAGE_UNSUPPORTED_FORMAT, load_image, _save(Image.new("RGB", (4, 4)), fmt), LIMITS
+            Reason.IMAGE_UNSUPPORTED_FORMAT, load_image, _save(Image.new("RGB", (16, 16)), fmt), LIMITS
         )
-        assert fmt in err.message
+        assert name in err.message, err.message  # the error names the format it saw
+    err = _raises(Reason.IMAGE_UNSUPPORTED_FORMAT, load_image, _video(), LIMITS)
+    assert "MP4" in err.message
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "AVIF", "HEIF"])
+def test_more_formats_accepted_under_the_same_limits(fmt):
+    img = Image.fromarray(_noise_rgb(40, 30))
+    data = _save(img, fmt, **({"quality": 100} if fmt in ("AVIF", "HEIF") else {}))
+    out = load_image(data, LIMITS)
+    assert out.shape == (30, 40, 3)
+    if fmt in ("BMP", "TIFF"):
+        np.testing.assert_array_equal(out, np.asarray(img, np.float32) / 255)
+    _raises(Reason.IMAGE_TOO_MANY_PIXELS, load_image, data, Limits(max_image_pixels=1199))
+    _raises(Reason.IMAGE_TOO_LARGE, load_image, data, Limits(max_image_bytes=len(data) - 1))
+    _raises(Reason.IMAGE_CORRUPT, load_image, data[: len(data) // 2], LIMITS)
 
 
 def test_image_decompression_bombs():
