@@ -302,7 +302,7 @@ def _draft_for(img: Image.Image, fmt: str, prep: ImagePrep) -> None:
     if fmt != "JPEG" or img.mode not in ("RGB", "L"):
         return
     mode = "L" if prep.channels == 1 else img.mode
-    img.draft(mode, (prep.size, prep.size))
+    img.draft(mode, (2 * prep.size, 2 * prep.size))
 
 
 def _model_array(img: Image.Image, fmt: str, prep: ImagePrep) -> np.ndarray:
