@@ -67,7 +67,8 @@ _log = logging.getLogger("mmpipe.warnings")
 
 
 class _RedactDecoderLog(logging.Filter):
-    """Replaces a third-party decoder's log message with a fixed event name.
+    """Replaces a third-party decoder's log message with a fixed event name,
+    and drops its warnings and chatter below ERROR.
 
     Attached to the decoder's own logger, so it runs before the record
     propagates to any handler (ours, pytest's, a user's)."""
@@ -75,6 +76,10 @@ class _RedactDecoderLog(logging.Filter):
     _mmpipe = True
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            # pydicom logs each warning it also raises (once per element:
+            # dozens of lines per file); the warning itself is logged once
+            return False
         record.msg, record.args = "decoder_log", None
         record.exc_info, record.exc_text, record.stack_info = None, None, None
         record.decoder = record.name
