@@ -819,3 +819,25 @@ def test_fuzz_video_arbitrary_bytes(data):
 @given(_mutated(VIDEO_BASES))
 def test_fuzz_video_mutated(data):
     _check(lambda d: decode_video(d, _VIDEO_PREP, FUZZ_LIMITS), (3, 16, 16), data)
+
+
+@pytest.mark.parametrize(("degrees", "turns"), [(0, 0), (90, 1), (180, 2), (270, 3), (-90, 3)])
+def test_video_display_matrix_applied(degrees, turns):
+    """Frames come out as the display matrix shows them (counter-clockwise
+    quarter turns, as FFmpeg's autorotate): a left-white frame rotated."""
+    img = np.zeros((32, 64, 3), np.uint8)
+    img[:, :32] = 255
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
+        s.set_display_rotation(degrees)
+        for _ in range(3):
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    frame = load_keyframes(buf.getvalue(), LIMITS, 1)[0]
+    want = np.rot90(img, turns).astype(np.float32) / 255
+    assert frame.shape == want.shape
+    assert np.abs(frame - want).mean() < 0.05
