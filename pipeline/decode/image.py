@@ -40,6 +40,39 @@ try:  # HEIC/HEIF through libheif; without it those images are refused by name
 except ImportError:  # pragma: no cover - the dependency is declared
     HEIF_AVAILABLE = False
 
+
+def _quiet_libtiff() -> bool:
+    """Switch off libtiff's process-wide error and warning handlers.
+
+    libtiff prints its diagnostics straight to the C stderr ("More samples per
+    pixel than can be decoded: 27648"), bypassing Python: values read from the
+    file, and lines that break the JSON log format.  Pillow still learns of
+    every failure from libtiff's return codes (an ``OSError``, so
+    ``image_corrupt``).  Finds the libtiff Pillow actually loaded and changes
+    only that one; returns whether it could."""
+    import ctypes
+    import os
+
+    from PIL import _imaging  # noqa: F401 -- loads Pillow's libtiff
+
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split()[-1] for line in maps if "/libtiff" in line}
+        for path in sorted(paths):
+            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+            for name in ("TIFFSetErrorHandler", "TIFFSetWarningHandler"):
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+                fn(None)
+        return bool(paths)
+    except (OSError, AttributeError):
+        return False
+
+
+LIBTIFF_QUIET = _quiet_libtiff()
+# Load every Pillow plugin now, so their loggers exist when the decoders'
+# log redaction is installed (pipeline.log.capture_decoder_output).
+Image.init()
 T = TypeVar("T")
 ACCEPTED = "JPEG, PNG, WebP, GIF, TIFF, BMP, AVIF or HEIC/HEIF"
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}

@@ -12,6 +12,7 @@ under ``CI=true`` (the bootstrap installs them).
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
@@ -406,3 +407,43 @@ def test_dicom_element_values_never_reach_the_logs():
     lines = [json.loads(line) for line in res.stderr.splitlines() if line.strip()]  # every line is JSON
     kinds = {(rec.get("event"), rec.get("kind"), rec.get("origin")) for rec in lines}
     assert ("python_warning", "UserWarning", "pydicom") in kinds  # captured, as its kind
+
+
+_IMAGE_NOISE_PROBE = """
+import io, sys
+import numpy as np
+from PIL import Image
+from pipeline.log import setup_logging
+setup_logging()
+from pipeline.config import Limits
+from pipeline.decode import load_image
+rng = np.random.default_rng(7)
+src = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+seen = set()
+for fmt, kw in (("TIFF", {"compression": "tiff_lzw"}), ("TIFF", {"compression": "tiff_adobe_deflate"}),
+                ("GIF", {}), ("BMP", {}), ("PNG", {}), ("JPEG", {}), ("WEBP", {}), ("AVIF", {}), ("HEIF", {})):
+    buf = io.BytesIO(); src.save(buf, fmt, **kw); data = buf.getvalue()
+    for _ in range(60):
+        m = bytearray(data)
+        for _ in range(6):
+            m[int(rng.integers(0, len(m)))] = int(rng.integers(0, 256))
+        try:
+            load_image(bytes(m), Limits()); seen.add("ok")
+        except Exception as exc:
+            seen.add(str(getattr(exc, "code", type(exc).__name__)))
+print(sorted(seen))
+"""
+
+
+def test_damaged_images_keep_stderr_json():
+    """libtiff prints straight to the C stderr and Pillow's plugins log header
+    values: damaged files of every accepted format leave only JSON lines."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", _IMAGE_NOISE_PROBE], capture_output=True, text=True, env=env,
+                         timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    allowed = {"ok", "image_corrupt", "image_too_many_pixels", "image_unsupported_format"}
+    assert set(ast.literal_eval(res.stdout)) <= allowed
+    for line in res.stderr.splitlines():
+        if line.strip():
+            json.loads(line)
