@@ -71,6 +71,7 @@ class Predictor:
         self._outputs = package.manifest.signature.head_outputs()
         self.metrics = metrics or get_metrics()
         self._labels = {"path": path, "workload": self.spec.name, "model": package.name}
+        self.pre.on_extra_modality = lambda m: self.metrics.ignored_modalities.labels(**self._labels, modality=m).inc()
         if engine is None:
             # Decode-only: ``prepare`` without a model loaded (the batch job's
             # CPU decode tasks); ``infer`` refuses.

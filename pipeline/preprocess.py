@@ -8,7 +8,7 @@ one record and raises :class:`RecordError`; ``collate`` never fails.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +69,9 @@ class Preprocessor:
                 if feat not in FEATURES:
                     raise ValueError(f"model input {t.name!r} takes an unknown feature {feat!r}; "
                                      f"known: {sorted(FEATURES)}")
+        # limits.extra_modalities: ignore -- called with each modality dropped
+        # from a record (the Predictor counts them in a metric).
+        self.on_extra_modality: Callable[[str], None] = _uncounted
 
     @classmethod
     def for_package(cls, package: ModelPackage, limits: Limits | None = None,
@@ -97,7 +100,7 @@ class Preprocessor:
         """Parse, check limits, decode each modality.  Raises RecordError."""
         t0 = time.perf_counter()
         rec = self.parse(raw)
-        self._check_modalities(rec)
+        rec = self._check_modalities(rec)
         feats: dict[str, np.ndarray] = {}
         present: dict[str, bool] = {}
         offsets: list[tuple[int, int]] = []
@@ -153,18 +156,31 @@ class Preprocessor:
             preprocess_ms=(time.perf_counter() - t0) * 1000.0,
         )
 
-    def _check_modalities(self, rec: Record) -> None:
+    def _check_modalities(self, rec: Record) -> Record:
+        """The record, or without the fields of modalities the model does not
+        take when ``limits.extra_modalities`` is ``ignore``."""
         accepted = set(self.modalities)
         if "image" in accepted and self.spec.accepts_video:
             accepted.add("video")
         extra = [m for m in rec.modalities() if m not in accepted]
         if extra:
-            raise RecordError(
-                Reason.MODALITY_NOT_SUPPORTED,
-                f"workload {self.spec.name} takes {sorted(accepted)}; record has {extra}",
-            )
+            rec = self._extra_modalities(rec, extra, accepted)
         if rec.image not in (None, "", b"") and rec.video not in (None, "", b""):
             raise RecordError(Reason.BAD_RECORD, "give either image or video, not both")
+        return rec
+
+    # -- limits.extra_modalities --------------------------------------------------------------
+    def _extra_modalities(self, rec: Record, extra: list[str], accepted: set[str]) -> Record:
+        """Reject (the default), or drop the fields undecoded and count each."""
+        if self.limits.extra_modalities == "reject":
+            raise RecordError(
+                Reason.MODALITY_NOT_SUPPORTED,
+                f"workload {self.spec.name} takes {sorted(accepted)}; record has {extra} (set "
+                "limits.extra_modalities: ignore to accept such records without those fields)",
+            )
+        for m in extra:
+            self.on_extra_modality(m)
+        return rec.model_copy(update=dict.fromkeys(extra))
 
     def collate(self, batch: list[Prepared]) -> dict[str, np.ndarray]:
         """Stack features into model inputs, zero-filling missing modalities
@@ -174,7 +190,7 @@ class Preprocessor:
         prep = self.prep
         if prep.text is not None:
             assert self.text is not None
-            seq = max(len(p.features["input_ids"]) for p in batch)
+            seq = self._text_length(batch)
             ids = np.full((n, seq), self.text.pad_id, dtype=np.int64)
             mask = np.zeros((n, seq), dtype=np.int64)
             for i, p in enumerate(batch):
@@ -196,6 +212,16 @@ class Preprocessor:
             return out
         return self._to_graph(out)
 
+    def _text_length(self, batch: list[Prepared]) -> int:
+        """Pad to the longest text, or always to max_length for a model with
+        no attention-mask input (whose results padding would reach)."""
+        from pipeline.package import fixed_length_inputs
+
+        assert self.prep.text is not None
+        if self.inputs is not None and fixed_length_inputs(self.inputs):
+            return self.prep.text.max_length
+        return max(len(p.features["input_ids"]) for p in batch)
+
     def _to_graph(self, canonical: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Rename, cast and select the features for the graph's inputs."""
         from pipeline.package import FEATURES
@@ -210,6 +236,10 @@ class Preprocessor:
                 arr = canonical[FEATURES[str(feat)]]
             feeds[t.name] = arr if arr.dtype == np.dtype(t.dtype) else arr.astype(t.dtype)
         return feeds
+
+
+def _uncounted(modality: str) -> None:
+    """No metric wired (a Preprocessor outside a Predictor)."""
 
 
 def _stack(batch: list[Prepared], key: str, shape: tuple[int, ...]) -> np.ndarray:
