@@ -9,7 +9,9 @@
    only, and a signature file: exported like a module.  Classification
    classes give their ``logits`` (or the field an output names with
    ``from``); dual encoders (CLIP, VisionTextDualEncoder...) score each
-   record against one text prompt per label (``prompts``).
+   record against one text prompt per label (``prompts``), on the
+   modalities it has (a presence input is added when the signature has
+   none).
 3. **An ONNX file** exported elsewhere and a signature file: the graph must
    match the signature (names, dtypes, ranks, static dims), its outputs must
    have the signature's shapes on real inputs; it is packaged as is.
@@ -24,7 +26,8 @@ Errors a user will hit say what is wrong in their terms: a module that
 cannot be imported, weights that do not fit the module (missing, unexpected
 and mis-shaped keys listed), an operator the exporter cannot handle (which,
 at which opset), outputs whose shapes disagree with the signature, a graph
-whose inputs differ from the signature (which input, how).
+whose inputs differ from the signature (which input, how), a tokenizer that
+would give a record without text no tokens at all.
 """
 
 from __future__ import annotations
