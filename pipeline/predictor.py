@@ -101,6 +101,7 @@ class Predictor:
         self._stage_post = m.stage_seconds.labels(**lab, stage="postprocess")
         self._batch_size = m.batch_size.labels(**lab)
         self._request = m.request_seconds.labels(**lab)
+        self.pre.on_extra_modality = lambda m: self.metrics.ignored_modalities.labels(**self._labels, modality=m).inc()
         if engine is None:
             # Decode-only: ``prepare`` without a model loaded (the batch job's
             # CPU decode tasks); ``infer`` refuses.

@@ -8,7 +8,7 @@ one record and raises :class:`RecordError`; ``collate`` never fails.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -71,6 +71,9 @@ class Preprocessor:
                 if feat not in FEATURES:
                     raise ValueError(f"model input {t.name!r} takes an unknown feature {feat!r}; "
                                      f"known: {sorted(FEATURES)}")
+        # limits.extra_modalities: ignore -- called with each modality dropped
+        # from a record (the Predictor counts them in a metric).
+        self.on_extra_modality: Callable[[str], None] = _uncounted
 
     @classmethod
     def for_package(cls, package: ModelPackage, limits: Limits | None = None,
@@ -134,8 +137,7 @@ class Preprocessor:
 
     def _parse_checked(self, raw: bytes | str | dict[str, Any] | Record) -> Record:
         rec = self.parse(raw)
-        self._check_modalities(rec)
-        return rec
+        return self._check_modalities(rec)
 
     def _encode(self, recs: Sequence[Record]) -> list[Encoded | None]:
         """Token ids of each record's text (an empty text's when it has
@@ -200,18 +202,31 @@ class Preprocessor:
             preprocess_ms=(time.perf_counter() - t0) * 1000.0,
         )
 
-    def _check_modalities(self, rec: Record) -> None:
+    def _check_modalities(self, rec: Record) -> Record:
+        """The record, or without the fields of modalities the model does not
+        take when ``limits.extra_modalities`` is ``ignore``."""
         accepted = set(self.modalities)
         if "image" in accepted and self.spec.accepts_video:
             accepted.add("video")
         extra = [m for m in rec.modalities() if m not in accepted]
         if extra:
-            raise RecordError(
-                Reason.MODALITY_NOT_SUPPORTED,
-                f"workload {self.spec.name} takes {sorted(accepted)}; record has {extra}",
-            )
+            rec = self._extra_modalities(rec, extra, accepted)
         if rec.image not in (None, "", b"") and rec.video not in (None, "", b""):
             raise RecordError(Reason.BAD_RECORD, "give either image or video, not both")
+        return rec
+
+    # -- limits.extra_modalities --------------------------------------------------------------
+    def _extra_modalities(self, rec: Record, extra: list[str], accepted: set[str]) -> Record:
+        """Reject (the default), or drop the fields undecoded and count each."""
+        if self.limits.extra_modalities == "reject":
+            raise RecordError(
+                Reason.MODALITY_NOT_SUPPORTED,
+                f"workload {self.spec.name} takes {sorted(accepted)}; record has {extra} (set "
+                "limits.extra_modalities: ignore to accept such records without those fields)",
+            )
+        for m in extra:
+            self.on_extra_modality(m)
+        return rec.model_copy(update=dict.fromkeys(extra))
 
     # -- columns ---------------------------------------------------------------------
     def _shapes(self) -> dict[str, tuple[int, ...]]:
@@ -229,12 +244,11 @@ class Preprocessor:
         """Text length every batch is padded to, for a graph that reads
         token ids but has no attention-mask input: padding it cannot hide
         would otherwise make a record's answer depend on its neighbours."""
-        if self.prep.text is None or self.inputs is None:
+        from pipeline.package import fixed_length_inputs
+
+        if self.prep.text is None or self.inputs is None or not fixed_length_inputs(self.inputs):
             return None
-        feats = {t.feature_name() for t in self.inputs}
-        if "text.input_ids" in feats and "text.attention_mask" not in feats:
-            return self.prep.text.max_length
-        return None
+        return self.prep.text.max_length
 
     def builder(self, capacity: int = 64) -> BatchBuilder:
         """An empty :class:`BatchBuilder` for this model's columns."""
@@ -279,3 +293,7 @@ class Preprocessor:
                 arr = canonical[FEATURES[str(feat)]]
             feeds[t.name] = arr if arr.dtype == np.dtype(t.dtype) else arr.astype(t.dtype)
         return feeds
+
+
+def _uncounted(modality: str) -> None:
+    """No metric wired (a Preprocessor outside a Predictor)."""
