@@ -206,6 +206,7 @@ class RunOutput:
             partition_filters=[("run_date", "=", self.run_date), ("workload", "=", self.workload)],
             commit_properties=CommitProperties(custom_metadata={"mmpipe.run": self.rel, "mmpipe.summary": text}),
         )
+        table.update_incremental()  # the object still names the version it read
         version = table.version()
         # A convenience copy for tools without a Delta reader; the commit is the truth.
         with contextlib.suppress(OSError):

@@ -27,7 +27,6 @@ from pipeline.batch.output import read_errors, read_results
 from tests.integration.batch_helpers import ROOT, sample_lines, write_jsonl
 from tests.integration.test_batch_s3 import BUCKET, RUN_DATE, packages, s3  # noqa: F401  (fixtures)
 
-pytestmark = pytest.mark.integration
 
 
 def _ports(n: int) -> list[int]:
