@@ -20,7 +20,8 @@ examples:
                --run-date 2026-05-01
   mmpipe batch --package packages/media --input /archive/thumbnails/ --output tags/   # a media folder
   mmpipe batch --config batch.yaml --input records.jsonl --output tags/ --resume      # after a crash
-  RAY_ADDRESS=ray://head:10001 mmpipe batch --config batch.yaml --input ... --output ...
+  RAY_ADDRESS=http://head:8265 mmpipe batch --config batch.yaml --input s3://... --output s3://...
+      # a cluster's job API: the command runs there as a Ray job (what the Helm chart does)
 
 inputs: a JSONL or Parquet manifest (one record per line/row: id, workload, text, image,
 audio, video, tabular, metadata; media inline or as URIs), a folder of manifests, or a
@@ -45,6 +46,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from pipeline.config import load_settings
     from pipeline.errors import ConfigError, PackageError
 
+    from pipeline.batch.submit import is_job_api, submit
+
+    address = os.environ.get("RAY_ADDRESS")
+    if is_job_api(address) and "batch" in sys.argv:
+        # The cluster's job API: run this very command there, as a Ray job.
+        return submit(address, sys.argv[sys.argv.index("batch") + 1:], args.config)  # type: ignore[arg-type]
     settings = load_settings(args.config)
     if args.engine:
         settings.engine.kind = args.engine
