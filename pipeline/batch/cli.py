@@ -68,6 +68,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         summary = run_batch(settings, opts)
     except RayError as exc:  # first: a task's error re-raised by Ray also subclasses the task's exception type
         log_event(logger, logging.ERROR, "batch_failed", exc_type=type(exc).__name__)
+        if _disk_full(exc):
+            return _report_full(args.output, errno.ENOSPC)
         print(f"error: the batch job failed in Ray ({type(exc).__name__}: {str(exc)[:500]})\n"
               "nothing was published; finished shards are kept: rerun with --resume to continue", file=sys.stderr)
         return 1
@@ -81,11 +83,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     except Exception as exc:  # a Ray task that kept failing, a lost cluster: report, never a traceback dump
         log_event(logger, logging.ERROR, "batch_failed", exc_type=type(exc).__name__)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            # Said plainly: the fix is space (or quota), not a code change.
-            print(f"error: the output filesystem is full ({errno.errorcode[exc.errno]}: {os.strerror(exc.errno)}) "
-                  f"while writing under {args.output}\nnothing was published; finished shards are kept: free space "
-                  "(or raise the quota) and rerun with --resume", file=sys.stderr)
-            return 1
+            return _report_full(args.output, exc.errno)
         print(f"error: the batch job failed ({type(exc).__name__}: {str(exc)[:500]})\n"
               "nothing was published; finished shards are kept: rerun with --resume to continue", file=sys.stderr)
         return 1
@@ -98,6 +96,29 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if push:
             print(f"pushgateway {push['url']}: " + ("pushed" if push["pushed"] else f"NOT pushed ({push['error']})"))
     return 0
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """An inference actor's write failed for lack of space (Ray wraps the
+    worker's OSError; pyarrow names the errno in the message)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
+            return True
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return False
+
+
+def _report_full(output: str, code: int) -> int:
+    # Said plainly: the fix is space (or quota), not a code change.
+    print(f"error: the output filesystem is full ({errno.errorcode[code]}: {os.strerror(code)}) while writing under "
+          f"{output}\nnothing was published; finished shards are kept: free space (or raise the quota) and rerun "
+          "with --resume", file=sys.stderr)
+    return 1
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
