@@ -42,11 +42,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from pipeline.batch.inputs import InputError
     from pipeline.batch.job import BatchJobError, JobOptions, run_batch
     from pipeline.batch.output import OutputError
+    from pipeline.batch.submit import is_job_api, submit
     from pipeline.batch.summary import print_table
     from pipeline.config import load_settings
     from pipeline.errors import ConfigError, PackageError
-
-    from pipeline.batch.submit import is_job_api, submit
 
     address = os.environ.get("RAY_ADDRESS")
     if is_job_api(address) and "batch" in sys.argv:

@@ -92,6 +92,47 @@ def _ray_init(settings: Settings) -> tuple[bool, str | None, str]:
     return True, tmp, "local"
 
 
+_TERMINAL: Any = None
+"""The terminal's stderr while :func:`library_output_to_log` sends fd 2 to the log file."""
+
+
+def job_log_path() -> str:
+    """The job's log file: ``MMPIPE_BATCH_LOG``, else one per process in the temp dir."""
+    return os.environ.get("MMPIPE_BATCH_LOG") or os.path.join(tempfile.gettempdir(), f"mmpipe-batch-{os.getpid()}.log")
+
+
+@contextlib.contextmanager
+def library_output_to_log() -> Iterator[str | None]:
+    """Other libraries' chatter to the job's log file, not the terminal.
+
+    Ray's token-authentication warning, the core worker's native ``E``
+    lines (C++, written straight to file descriptor 2), Ray Data's notices
+    and forwarded worker output cannot all be configured away at their
+    source, so while the job runs descriptor 2 points at the log file; the
+    progress bar keeps the terminal (a duplicate of the old descriptor).
+    At ``--log-level DEBUG`` nothing is redirected.  Yields the log path
+    (None when not redirected)."""
+    global _TERMINAL
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG or _TERMINAL is not None:
+        yield None
+        return
+    path = job_log_path()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    _TERMINAL = os.fdopen(os.dup(saved), "w", buffering=1)
+    try:
+        yield path
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        _TERMINAL.close()
+        _TERMINAL = None
+
+
 @contextlib.contextmanager
 def ray_session(settings: Settings) -> Iterator[str]:
     """Ray for one or more jobs: the cluster named by ``RAY_ADDRESS``, the
@@ -99,14 +140,15 @@ def ray_session(settings: Settings) -> Iterator[str]:
     (and shut down on exit).  Yields where the jobs run."""
     import ray
 
-    started, tmp, address = _ray_init(settings)
-    try:
-        yield address
-    finally:
-        if started:
-            ray.shutdown()
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with library_output_to_log():
+        started, tmp, address = _ray_init(settings)
+        try:
+            yield address
+        finally:
+            if started:
+                ray.shutdown()
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _Collector:
@@ -178,7 +220,7 @@ def _progress(enabled: bool, total: int) -> Any:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, unit="shard", desc="mmpipe batch", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, unit="shard", desc="mmpipe batch", file=_TERMINAL or sys.stderr, dynamic_ncols=True)
 
 
 def _execute(settings: Settings, package: ModelPackage, input_uri: str, todo: list[Shard], out: RunOutput,
@@ -262,7 +304,7 @@ def run_batch(settings: Settings, opts: JobOptions) -> dict[str, Any]:
     input_uri = opts.input if "://" in opts.input else path
     t_plan = time.perf_counter() - t_start
     out = RunOutput(opts.output, run_date, workload, cfg.output_options())
-    progress = (cfg.progress and sys.stderr.isatty()) if opts.progress is None else opts.progress
+    progress = (cfg.progress and (_TERMINAL or sys.stderr).isatty()) if opts.progress is None else opts.progress
     summary: dict[str, Any] = {"workload": workload, "run_date": run_date, "model": package.name}
     try:
         done = out.open(opts.resume)

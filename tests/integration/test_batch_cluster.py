@@ -32,7 +32,6 @@ from tests.integration.batch_helpers import ROOT, sample_lines, write_jsonl
 from tests.integration.test_batch_s3 import BUCKET, RUN_DATE, packages, s3  # noqa: F401  (fixtures)
 
 
-
 def _ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:

@@ -36,7 +36,6 @@ from tests.integration.k8s_tools import ToolUnavailable
 from tests.integration.procs import pids_with
 from tests.integration.s3_server import S3Server, versitygw_binary
 
-
 RUN_DATE = "2026-05-01"
 BUCKET = "tags"
 
