@@ -28,12 +28,12 @@ audio, video, tabular, metadata; media inline or as URIs), a folder of manifests
 folder of media files (files sharing a stem form one record: a.png + a.txt + a.wav).
 Local paths, file://, and s3:// gs:// hdfs:// through pyarrow (options: batch.filesystem).
 
-output (Hive partitions; readers skip the _ names):
-  OUT/run_date=D/workload=W/part-*.parquet         results (labels, scores, full result JSON)
-  OUT/run_date=D/workload=W/_errors/part-*.parquet rejected records with reason codes
-  OUT/run_date=D/workload=W/_summary.json          counts, errors by reason, stage times
-A run (run date + workload) is published in one atomic swap: a rerun replaces it whole,
-and a crash leaves the previous run (or nothing) visible.  --resume skips shards already done.
+output: a Delta Lake table (local directory, s3://, gs://; batch.output_filesystem), partitioned
+by run_date and workload, one row per record: results (labels, scores, full result JSON) and
+rejected records (error_code, error_message).  Read it with deltalake, DuckDB, Spark, Trino.
+A run (run date + workload) is published in one Delta commit: a rerun replaces it whole, and
+a crash leaves the previous run (or nothing) visible.  --resume skips shards already done.
+Ray's own messages go to the job's log file (MMPIPE_BATCH_LOG); --log-level DEBUG shows them.
 
 exit codes: 0 published; 1 the job failed (nothing published); 2 bad config, input or package."""
 
@@ -90,7 +90,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print_table([summary])
-        print(f"\npublished {summary['output']} (summary: {summary['output']}/_summary.json)")
+        print(f"\npublished {summary['output']} (Delta table {summary['table']}, version {summary['delta_version']})")
         push = summary.get("pushgateway")
         if push:
             print(f"pushgateway {push['url']}: " + ("pushed" if push["pushed"] else f"NOT pushed ({push['error']})"))
@@ -136,7 +136,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="settings file (see README 'Configuration', section batch:); MMPIPE__BATCH__KEY env vars "
                    "override it")
     b.add_argument("--input", "-i", required=True, help="JSONL/Parquet file, folder of them, or folder of media")
-    b.add_argument("--output", "-o", required=True, help="output root directory (local or mounted)")
+    b.add_argument("--output", "-o", required=True, help="output Delta table: a directory or s3:// gs:// URI")
     b.add_argument("--package", help="model package directory (or model_package in the config)")
     b.add_argument("--run-date", help="the run's date, YYYY-MM-DD (default: today, UTC); with the workload "
                    "it names the run a rerun replaces")
