@@ -70,6 +70,19 @@ print("bootstrap: CRD schemas:", len(k8s_tools.crd_schemas()))
 PY
 fi
 
+# The batch job's object-storage tests run a real S3-compatible server:
+# versitygw, built from the Go module proxy (pinned in
+# tests/integration/s3_server.py) and cached beside helm.  Under CI the
+# tests fail, not skip, when it is missing.
+if [ "$target" = test ] && command -v go >/dev/null 2>&1; then
+  "$venv/bin/python" - "$repo" <<'PY' || echo "bootstrap: could not build versitygw; the S3 batch tests will report it" >&2
+import sys
+sys.path.insert(0, sys.argv[1])
+from tests.integration import s3_server
+print("bootstrap: versitygw at", s3_server.versitygw_binary())
+PY
+fi
+
 # The stream tests cross-check with kcat (Debian's package, librdkafka) and
 # run Apache Kafka from jars fetched by Maven (Java 17 + Maven).  Best
 # effort: the Kafka fixture installs kcat itself or skips that one check.

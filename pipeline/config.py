@@ -134,6 +134,15 @@ class BatchConfig(_Strict):
         description="options for the input's pyarrow filesystem, e.g. {region: eu-west-1, endpoint_override: ...}",
     )
     progress: bool = Field(True, description="show a progress bar when stderr is a terminal")
+    output_filesystem: dict[str, Any] | None = Field(
+        None,
+        description="options for the output's pyarrow filesystem (and the Delta commit), e.g. {endpoint_override: "
+        "127.0.0.1:9000, scheme: http, access_key: ..., secret_key: ...}; default: the input's options",
+    )
+
+    def output_options(self) -> dict[str, Any]:
+        """The output store's filesystem options (the input's unless set apart)."""
+        return dict(self.output_filesystem if self.output_filesystem is not None else self.filesystem)
 
 
 class StreamConfig(_Strict):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import shutil
@@ -30,18 +31,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from pipeline.batch.inputs import InputFormat, Shard, open_filesystem, plan_shards
 from pipeline.batch.output import RunOutput
 from pipeline.batch.pushgateway import push_job_metrics
-from pipeline.batch.stages import InferActor, decode_shards, settings_json
+from pipeline.batch.stages import PIECE_FIELDS, InferActor, decode_shards, settings_json
 from pipeline.batch.summary import aggregate
 from pipeline.config import Settings
 from pipeline.errors import PackageError
 from pipeline.log import log_event
-from pipeline.package import load_package
+from pipeline.package import ModelPackage, load_package
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +92,47 @@ def _ray_init(settings: Settings) -> tuple[bool, str | None, str]:
     return True, tmp, "local"
 
 
+_TERMINAL: Any = None
+"""The terminal's stderr while :func:`library_output_to_log` sends fd 2 to the log file."""
+
+
+def job_log_path() -> str:
+    """The job's log file: ``MMPIPE_BATCH_LOG``, else one per process in the temp dir."""
+    return os.environ.get("MMPIPE_BATCH_LOG") or os.path.join(tempfile.gettempdir(), f"mmpipe-batch-{os.getpid()}.log")
+
+
+@contextlib.contextmanager
+def library_output_to_log() -> Iterator[str | None]:
+    """Other libraries' chatter to the job's log file, not the terminal.
+
+    Ray's token-authentication warning, the core worker's native ``E``
+    lines (C++, written straight to file descriptor 2), Ray Data's notices
+    and forwarded worker output cannot all be configured away at their
+    source, so while the job runs descriptor 2 points at the log file; the
+    progress bar keeps the terminal (a duplicate of the old descriptor).
+    At ``--log-level DEBUG`` nothing is redirected.  Yields the log path
+    (None when not redirected)."""
+    global _TERMINAL
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG or _TERMINAL is not None:
+        yield None
+        return
+    path = job_log_path()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    _TERMINAL = os.fdopen(os.dup(saved), "w", buffering=1)
+    try:
+        yield path
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        _TERMINAL.close()
+        _TERMINAL = None
+
+
 @contextlib.contextmanager
 def ray_session(settings: Settings) -> Iterator[str]:
     """Ray for one or more jobs: the cluster named by ``RAY_ADDRESS``, the
@@ -101,87 +140,77 @@ def ray_session(settings: Settings) -> Iterator[str]:
     (and shut down on exit).  Yields where the jobs run."""
     import ray
 
-    started, tmp, address = _ray_init(settings)
-    try:
-        yield address
-    finally:
-        if started:
-            ray.shutdown()
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with library_output_to_log():
+        started, tmp, address = _ray_init(settings)
+        try:
+            yield address
+        finally:
+            if started:
+                ray.shutdown()
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _Collector:
-    """Gathers the rows of each shard as they arrive (any order, possibly
-    twice after a retried task) and writes a shard once all its rows are in."""
+    """Tracks which records of each shard are in files (pieces may arrive in
+    any order, or twice after a retried call) and writes a shard's done
+    marker once pieces cover all its records.  Holds counts, never rows."""
 
     def __init__(self, out: RunOutput, shards: dict[str, Shard]) -> None:
         self.out, self.shards = out, shards
-        self.parts: dict[str, list[pa.Table]] = defaultdict(list)
-        self.seen: dict[str, set[int]] = defaultdict(set)
-        self.expected: dict[str, int] = {}
-        self.decode_s: dict[str, float] = {}
-        self.infer_s: dict[str, float] = defaultdict(float)
+        self.pieces: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.covered: dict[str, set[int]] = defaultdict(set)
         self.finished: list[str] = []
         self.records = 0
         self.errors = 0
-        self.write_s = 0.0
         self.engine: str | None = None  # "name (provider)" as the actors report it
 
-    def add(self, tbl: pa.Table) -> int:
-        """Take one output block; returns how many shards it completed."""
-        keys, seqs, kinds = (tbl.column(c).to_pylist() for c in ("shard", "seq", "kind"))
-        counts, decode_s, infer_s = (tbl.column(c).to_pylist() for c in ("count", "decode_s", "infer_s"))
-        if self.engine is None and tbl.num_rows:
-            self.engine = f"{tbl['engine'][0].as_py()} ({tbl['provider'][0].as_py()})"
-        rows: dict[str, list[int]] = defaultdict(list)
-        for i, (key, seq, kind) in enumerate(zip(keys, seqs, kinds, strict=True)):
+    def add(self, batch: dict[str, Any]) -> int:
+        """Take the pieces one inference call wrote; returns how many shards they completed."""
+        done = 0
+        for i in range(len(batch["shard"])):
+            piece = {f: _plain(batch[f][i]) for f in PIECE_FIELDS}
+            key = piece["shard"]
             if key not in self.shards or key in self.finished:
                 continue
-            if kind == "end":
-                if key not in self.expected:
-                    self.expected[key], self.decode_s[key] = counts[i], decode_s[i]
-                continue
-            if seq in self.seen[key]:
-                continue  # a retried task's repeat
-            self.seen[key].add(seq)
-            self.infer_s[key] += infer_s[i]
-            rows[key].append(i)
-        for key, idx in rows.items():
-            self.parts[key].append(tbl.take(pa.array(idx, type=pa.int64())))
-        done = 0
-        for key in set(rows) | {k for k in keys if k in self.expected}:
-            if key not in self.finished and key in self.expected and len(self.seen[key]) == self.expected[key]:
-                self._flush(key)
+            self.engine = self.engine or piece["engine"]
+            seqs = set(range(piece["first_seq"], piece["last_seq"] + 1)) if piece["rows"] else set()
+            if seqs & self.covered[key]:
+                continue  # a retried call's repeat: its file stays unreferenced
+            self.covered[key] |= seqs
+            self.pieces[key].append(piece)
+            if len(self.covered[key]) == piece["total"]:
+                self._finish(key)
                 done += 1
         return done
 
-    def _flush(self, key: str) -> None:
-        t0 = time.perf_counter()
-        parts = self.parts.pop(key, [])
+    def _finish(self, key: str) -> None:
+        pieces = sorted(self.pieces.pop(key), key=lambda p: p["first_seq"])
         shard = self.shards[key]
-        tbl = pa.concat_tables(parts).sort_by("seq") if parts else None
-        ok = tbl.filter(pc.equal(tbl["kind"], "ok")) if tbl is not None else None
-        err = tbl.filter(pc.equal(tbl["kind"], "error")) if tbl is not None else None
-        reasons = Counter(err["error_code"].to_pylist()) if err is not None else Counter()
+        errors: Counter[str] = Counter()
         labels: dict[str, Counter[str]] = defaultdict(Counter)
-        if ok is not None:
-            for row in ok["labels"].to_pylist():
-                for lab in row or []:
-                    labels[lab["head"]][lab["label"]] += 1
+        for p in pieces:
+            errors.update(json.loads(p["errors"]))
+            for head, counts in json.loads(p["labels"]).items():
+                labels[head].update(counts)
         marker = {
             "shard": key, "source": shard.path, "kind": shard.kind, "range": [shard.start, shard.end],
-            "records": self.expected[key], "ok": ok.num_rows if ok is not None else 0,
-            "errors": dict(sorted(reasons.items())), "labels": {h: dict(c) for h, c in sorted(labels.items())},
-            "decode_s": round(self.decode_s.get(key, 0.0), 4), "infer_s": round(self.infer_s.get(key, 0.0), 4),
+            "records": pieces[0]["total"], "ok": sum(p["ok"] for p in pieces),
+            "errors": dict(sorted(errors.items())), "labels": {h: dict(c) for h, c in sorted(labels.items())},
+            "decode_s": round(pieces[0]["decode_s"], 4), "infer_s": round(sum(p["infer_s"] for p in pieces), 4),
+            "files": [{"name": p["name"], "size": p["size"], "rows": p["rows"]} for p in pieces if p["rows"]],
+            "nodes": {"decode": sorted({p["decode_node"] for p in pieces}),
+                      "infer": sorted({p["infer_node"] for p in pieces})},
         }
-        empty = pa.table({"kind": pa.array([], pa.string())})
-        self.out.write_shard(key, ok if ok is not None else empty, err if err is not None else empty, marker)
-        self.seen.pop(key, None)
+        self.out.write_marker(marker)
+        self.covered.pop(key, None)
         self.finished.append(key)
-        self.records += self.expected[key]
-        self.errors += sum(reasons.values())
-        self.write_s += time.perf_counter() - t0
+        self.records += marker["records"]
+        self.errors += sum(errors.values())
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
 
 
 def _progress(enabled: bool, total: int) -> Any:
@@ -191,10 +220,10 @@ def _progress(enabled: bool, total: int) -> Any:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, unit="shard", desc="mmpipe batch", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, unit="shard", desc="mmpipe batch", file=_TERMINAL or sys.stderr, dynamic_ncols=True)
 
 
-def _execute(settings: Settings, package_dir: str, input_uri: str, todo: list[Shard], out: RunOutput,
+def _execute(settings: Settings, package: ModelPackage, input_uri: str, todo: list[Shard], out: RunOutput,
              progress: bool) -> tuple[_Collector, dict[str, float], str]:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -223,26 +252,27 @@ def _execute(settings: Settings, package_dir: str, input_uri: str, todo: list[Sh
         ctx.print_on_execution_start = False
         ctx.execution_options.preserve_order = False
         sj = settings_json(settings)
+        common = {"settings_json": sj, "package_dir": str(package.root), "digest": package.digest}
         ds = ray.data.from_items([s.row() for s in todo], override_num_blocks=len(todo))
-        # Decode tasks reserve memory for a shard's decoded tensors.  That also
-        # keeps Ray Data from fusing decode into the inference actors (it fuses
-        # stages with equal resource requests), which would serialise decode
-        # and inference in one process and put decoding on GPU nodes.  A task
-        # retried after a worker died repeats rows: the collector drops them.
+        # One shard per decode call and one block per shard: few, large
+        # blocks.  Decode tasks reserve memory for a shard's tensors; that
+        # also keeps Ray Data from fusing decode into the inference actors
+        # (it fuses stages with equal resource requests), which would
+        # serialise the two in one process and put decoding on GPU nodes.
         ds = ds.map_batches(decode_shards, batch_size=1, batch_format="numpy", num_cpus=cfg.num_cpus,
-                            memory=cfg.decode_memory_mb * 2**20,
-                            fn_kwargs={"settings_json": sj, "package_dir": package_dir, "input_uri": input_uri})
+                            memory=cfg.decode_memory_mb * 2**20, fn_kwargs={**common, "input_uri": input_uri})
         pool = ActorPoolStrategy(min_size=cfg.concurrency, max_size=max(cfg.concurrency, cfg.max_concurrency or 0))
-        ds = ds.map_batches(InferActor, batch_size=cfg.batch_size, batch_format="numpy", compute=pool,
+        # batch_size=None: an actor takes decoded blocks whole and writes each
+        # shard's rows as one file (a block Ray split is written in pieces).
+        ds = ds.map_batches(InferActor, batch_size=None, batch_format="numpy", compute=pool,
                             num_cpus=cfg.actor_num_cpus, num_gpus=cfg.num_gpus or None,
-                            fn_constructor_kwargs={"settings_json": sj, "package_dir": package_dir,
-                                                   "batch_size": cfg.batch_size})
+                            fn_constructor_kwargs={**common, "out_dir": out.data_dir, "out_uri": out.uri})
         collector = _Collector(out, {s.key: s for s in todo})
         bar = _progress(progress, len(todo))
         t1 = time.perf_counter()
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Data configures itself on first use
         try:
-            for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for block in ds.iter_batches(batch_format="numpy", batch_size=None):
                 done = collector.add(block)
                 if bar is not None and done:
                     bar.update(done)
@@ -266,7 +296,6 @@ def run_batch(settings: Settings, opts: JobOptions) -> dict[str, Any]:
     if package_dir is None:
         raise PackageError("no model package given: pass --package or set model_package in the config")
     package = load_package(package_dir)  # verifies checksums before any worker starts
-    package_dir = str(package.root)
     workload = package.spec.name
     run_date = _run_date(opts.run_date)
     cfg = settings.batch
@@ -274,8 +303,8 @@ def run_batch(settings: Settings, opts: JobOptions) -> dict[str, Any]:
     shards = plan_shards(fs, path, fmt=opts.input_format, shard_bytes=cfg.shard_bytes, shard_rows=cfg.shard_rows)
     input_uri = opts.input if "://" in opts.input else path
     t_plan = time.perf_counter() - t_start
-    out = RunOutput(opts.output, run_date, workload)
-    progress = (cfg.progress and sys.stderr.isatty()) if opts.progress is None else opts.progress
+    out = RunOutput(opts.output, run_date, workload, cfg.output_options())
+    progress = (cfg.progress and (_TERMINAL or sys.stderr).isatty()) if opts.progress is None else opts.progress
     summary: dict[str, Any] = {"workload": workload, "run_date": run_date, "model": package.name}
     try:
         done = out.open(opts.resume)
@@ -288,9 +317,8 @@ def run_batch(settings: Settings, opts: JobOptions) -> dict[str, Any]:
         times: dict[str, float] = {"plan": t_plan}
         attempt_records, address, engine_used = 0, "none (nothing to do)", None
         if todo:
-            collector, run_times, address = _execute(settings, package_dir, input_uri, todo, out, progress)
+            collector, run_times, address = _execute(settings, package, input_uri, todo, out, progress)
             times.update(run_times)
-            times["write"] = collector.write_s
             attempt_records, engine_used = collector.records, collector.engine
         markers = [m for k, m in out.done_markers().items() if k in keys]
         if len(markers) != len(shards):
@@ -302,7 +330,8 @@ def run_batch(settings: Settings, opts: JobOptions) -> dict[str, Any]:
             "model_version": package.version,
             "engine": engine_used or settings.engine.kind,
             "input": opts.input,
-            "output": str(out.final),
+            "output": out.final,
+            "table": out.uri,
             "records_in": agg["records_in"],
             "results": agg["results"],
             "errors": agg["errors"],
@@ -316,14 +345,18 @@ def run_batch(settings: Settings, opts: JobOptions) -> dict[str, Any]:
             "stage_seconds": {k: round(v, 3) for k, v in
                               {**times, "decode": agg["decode_s"], "infer": agg["infer_s"]}.items()},
             "labels": agg["labels"],
+            "nodes": agg["nodes"],
             "ray": {"address": address, "concurrency": cfg.concurrency, "max_concurrency": cfg.max_concurrency,
                     "num_gpus": cfg.num_gpus, "batch_size": cfg.batch_size},
         })
         if not summary["counts_match"]:
             raise BatchJobError("records in != results + errors; nothing was published")
-        out.commit(summary)
+        t_commit = time.perf_counter()
+        summary["delta_version"] = out.commit(markers, summary)
+        summary["stage_seconds"]["commit"] = round(time.perf_counter() - t_commit, 3)
         log_event(logger, logging.INFO, "batch_published", workload=workload, run_date=run_date,
-                  records=agg["records_in"], results=agg["results"], errors=agg["errors"], output=str(out.final))
+                  records=agg["records_in"], results=agg["results"], errors=agg["errors"],
+                  version=summary["delta_version"])
     except BaseException:
         if cfg.pushgateway_url:  # duration and counts so far; last_success keeps its old value
             summary.setdefault("wall_s", round(time.perf_counter() - t_start, 3))

@@ -1,147 +1,152 @@
-"""The job's output: per-shard files in a staging directory, one atomic swap.
+"""The job's output: a Delta Lake table, one atomic commit per run.
 
-Layout under the output root (Hive partitions, so Spark, pyarrow, pandas,
-DuckDB and Athena read it as one dataset with ``run_date`` and ``workload``
-columns)::
+The output root (a local directory, ``s3://bucket/prefix``, ``gs://...``:
+anything pyarrow's filesystems and delta-rs reach) is a Delta table
+partitioned by ``run_date`` and ``workload``::
 
-    OUT/run_date=2026-05-01/workload=retail/
-        part-<shard>.parquet      results, one row per record tagged
-        _errors/part-<shard>.parquet   rejected records with reason codes
-        _done/<shard>.json        what each shard held (for --resume and the summary)
-        _summary.json             the run's summary
-    OUT/_staging/...              work in progress (never read by consumers)
+    OUT/_delta_log/00000000000000000003.json     the table's history (commits)
+    OUT/run_date=D/workload=W/part-<shard>-....parquet   data files (results and errors)
+    OUT/_mmpipe/staging/run_date=D/workload=W/<shard>.json   finished shards (--resume)
+    OUT/_mmpipe/runs/run_date=D/workload=W/summary.json      the last published run's summary
 
-Names starting with ``_`` or ``.`` are skipped by every Parquet reader's
-dataset discovery, so ``pandas.read_parquet(OUT)`` sees results only.
+Why a table format: object storage has no rename, so "write to staging,
+rename into place" cannot publish a run atomically there.  Delta Lake's log
+can: inference workers write their Parquet files straight into the table's
+directory, where no Delta reader looks until a commit names them, and the
+driver publishes the run with **one** commit that removes every file of the
+run's partition and adds the new ones (``mode="overwrite"`` with a partition
+filter for the run date and workload).  A reader (delta-rs / ``to_pandas``,
+DuckDB's ``delta_scan``, Spark, Trino) reads one table version, so it sees
+the previous run or the new run, never a mix; a job killed before its commit
+leaves only unreferenced files (``DeltaTable.vacuum`` removes them later).
+Delta over Iceberg here: it needs no catalog service (the log lives beside
+the data, which suits a job that writes to a bucket), and delta-rs commits
+files written by other processes (``create_write_transaction``), so the
+workers never hand their rows to the driver.
 
-A run (run date + workload) is written to ``_staging`` and becomes visible
-in one step: ``renameat2(RENAME_EXCHANGE)`` swaps the staging directory with
-the published one (Linux), so readers see the old run or the new run, never a
-mix and never a gap; elsewhere two renames leave a gap of microseconds but
-still never a half-written run.  A shard's files are complete before its
-done marker is written, so ``--resume`` trusts exactly the shards that were
-finished.
+Every input record is one row: a result (``error_code`` null, ``labels``
+and the Predictor's ``result`` JSON) or a rejected record (``error_code``,
+``error_message``).  Done markers are written by the driver once all of a
+shard's rows are in files; ``--resume`` trusts exactly those.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import fcntl
 import json
 import logging
-import os
-import shutil
-import uuid
+import time
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlparse
 
 import pyarrow as pa
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
-from pipeline.batch.stages import LABEL_TYPE
+from pipeline.batch.inputs import open_filesystem
 from pipeline.log import log_event
-from pipeline.records import ErrorInfo, Result
+from pipeline.records import Result
 
 logger = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ("id", "model", "model_version", "engine", "provider", "labels", "result", "source", "position",
-                  "preprocess_ms", "infer_ms", "postprocess_ms")
-ERROR_COLUMNS = ("id", "error_code", "error_message", "source", "position", "model", "model_version")
-ERRORS_DIR, DONE_DIR, SUMMARY_FILE, STAGING_DIR = "_errors", "_done", "_summary.json", "_staging"
-
-RESULTS_SCHEMA = pa.schema([
-    ("id", pa.string()), ("model", pa.string()), ("model_version", pa.string()), ("engine", pa.string()),
-    ("provider", pa.string()), ("labels", LABEL_TYPE), ("result", pa.string()), ("source", pa.string()),
-    ("position", pa.int64()), ("preprocess_ms", pa.float64()), ("infer_ms", pa.float64()),
-    ("postprocess_ms", pa.float64()),
-])
-ERRORS_SCHEMA = pa.schema([
+LABEL_TYPE = pa.list_(pa.struct([("head", pa.string()), ("label", pa.string()), ("score", pa.float64())]))
+FILE_SCHEMA = pa.schema([
     ("id", pa.string()), ("error_code", pa.string()), ("error_message", pa.string()), ("source", pa.string()),
-    ("position", pa.int64()), ("model", pa.string()), ("model_version", pa.string()),
+    ("position", pa.int64()), ("model", pa.string()), ("model_version", pa.string()), ("engine", pa.string()),
+    ("provider", pa.string()), ("labels", LABEL_TYPE), ("result", pa.string()),
+    ("preprocess_ms", pa.float64()), ("infer_ms", pa.float64()), ("postprocess_ms", pa.float64()),
 ])
+PARTITIONS = ("run_date", "workload")
+TABLE_SCHEMA = pa.schema([*FILE_SCHEMA, *(pa.field(p, pa.string()) for p in PARTITIONS)])
+RESULT_COLUMNS = ("id", "model", "model_version", "engine", "provider", "labels", "result", "source", "position",
+                  "preprocess_ms", "infer_ms", "postprocess_ms", *PARTITIONS)
+ERROR_COLUMNS = ("id", "error_code", "error_message", "source", "position", "model", "model_version", *PARTITIONS)
+META_DIR = "_mmpipe"
 
 
 class OutputError(RuntimeError):
-    """The output directory cannot be written (locked by another run, not local, ...)."""
+    """The output cannot be written (locked by another run, unreachable, bad options)."""
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(tmp_path)`` then rename into place."""
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    try:
-        write(tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories atomically; False when the OS or filesystem cannot."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+def storage_options(uri: str, fs_options: dict[str, Any]) -> dict[str, str]:
+    """delta-rs storage options for the same store pyarrow opens with
+    ``fs_options`` (``batch.output_filesystem``).  S3 commits use conditional
+    puts (``If-None-Match``), so two commits of one version cannot both win."""
+    if _is_local(uri):
+        return {}
+    scheme = urlparse(uri).scheme.lower()
+    out: dict[str, str] = {}
+    if scheme in ("s3", "s3a"):
+        endpoint = fs_options.get("endpoint_override")
+        if endpoint:
+            http = fs_options.get("scheme", "https") == "http"
+            out["AWS_ENDPOINT_URL"] = endpoint if "://" in endpoint else f"{'http' if http else 'https'}://{endpoint}"
+            if http or endpoint.startswith("http://"):
+                out["AWS_ALLOW_HTTP"] = "true"
+        for key, name in (("access_key", "AWS_ACCESS_KEY_ID"), ("secret_key", "AWS_SECRET_ACCESS_KEY"),
+                          ("session_token", "AWS_SESSION_TOKEN"), ("region", "AWS_REGION")):
+            if fs_options.get(key):
+                out[name] = str(fs_options[key])
+        out.setdefault("AWS_REGION", "us-east-1")
+        out["conditional_put"] = "etag"
+        if fs_options.get("force_virtual_addressing") is False or "AWS_ENDPOINT_URL" in out:
+            out["AWS_VIRTUAL_HOSTED_STYLE_REQUEST"] = "false"
+    return out
 
 
 class RunOutput:
-    """Staging, done markers and the commit of one run (run date + workload)."""
+    """Where one run (run date + workload) writes, and its commit."""
 
-    def __init__(self, root: str | Path, run_date: str, workload: str) -> None:
-        if "://" in str(root) and not str(root).startswith("file://"):
-            raise OutputError("the output must be a local or mounted directory (atomic renames need one)")
-        self.root = Path(str(root).removeprefix("file://")).resolve()
-        self.rel = Path(f"run_date={run_date}") / f"workload={workload}"
-        self.final = self.root / self.rel
-        self.staging = self.root / STAGING_DIR / self.rel
+    def __init__(self, root: str | Path, run_date: str, workload: str, fs_options: dict[str, Any] | None = None,
+                 ) -> None:
+        root = str(root)
+        self.fs_options = dict(fs_options or {})
+        try:
+            self.fs, self.path = open_filesystem(root, self.fs_options)
+        except ValueError as exc:
+            raise OutputError(str(exc).replace("input", "output")) from None
+        self.local = _is_local(root)
+        self.uri = self.path if self.local else root.rstrip("/")
+        self.run_date, self.workload = run_date, workload
+        self.rel = f"run_date={run_date}/workload={workload}"
+        self.final = f"{self.uri}/{self.rel}"
+        self.data_dir = f"{self.path}/{self.rel}"
+        self.marker_dir = f"{self.path}/{META_DIR}/staging/{self.rel}"
+        self.summary_path = f"{self.path}/{META_DIR}/runs/{self.rel}/summary.json"
+        self.delta_options = storage_options(root, self.fs_options)
         self._lock: IO[bytes] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def open(self, resume: bool) -> dict[str, dict[str, Any]]:
-        """Lock the run and set up staging.  Returns the done markers that
-        ``--resume`` may skip (none without ``resume``): from an interrupted
-        attempt's staging, else from the published run."""
-        self.staging.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = (self.staging.parent / f".{self.staging.name}.lock").open("ab")
+        """Set up the run.  Returns the done markers ``--resume`` may skip
+        (none without ``resume``).  Markers outlive a commit, so resuming a
+        published run keeps its shards too."""
+        try:
+            self.fs.create_dir(self.marker_dir, recursive=True)
+            self.fs.create_dir(self.data_dir, recursive=True)
+        except OSError as exc:
+            raise OutputError(f"cannot write the output {self.uri}: {exc}") from None
+        if self.local:
+            self._lock_local()
+        if not resume:
+            self.fs.delete_dir_contents(self.marker_dir, missing_dir_ok=True)
+        return self.done_markers()
+
+    def _lock_local(self) -> None:
+        lock = Path(self.path) / META_DIR / f".{self.run_date}-{self.workload}.lock"
+        self._lock = lock.open("ab")
         try:
             fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock.close()
             self._lock = None
             raise OutputError(f"another job is writing this run ({self.rel}); not starting a second one") from None
-        if not resume:
-            shutil.rmtree(self.staging, ignore_errors=True)
-        elif not self.staging.is_dir() and self.final.is_dir():
-            # Resuming a published run (e.g. new input files since): start from
-            # its files; hard links make the copy cheap and leave it untouched.
-            shutil.copytree(self.final, self.staging, copy_function=_link_or_copy)
-            with contextlib.suppress(FileNotFoundError):
-                (self.staging / SUMMARY_FILE).unlink()
-        (self.staging / ERRORS_DIR).mkdir(parents=True, exist_ok=True)
-        (self.staging / DONE_DIR).mkdir(parents=True, exist_ok=True)
-        for tmp in self.staging.rglob(".tmp-*"):  # an interrupted write
-            tmp.unlink()
-        return self.done_markers()
 
     def close(self) -> None:
         if self._lock is not None:
@@ -151,107 +156,111 @@ class RunOutput:
 
     def done_markers(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
-        for p in sorted((self.staging / DONE_DIR).glob("[!.]*.json")):  # not an interrupted write's temp
+        for info in self.fs.get_file_info(pafs.FileSelector(self.marker_dir, allow_not_found=True)):
+            if not info.base_name.endswith(".json") or info.base_name.startswith("."):
+                continue
             try:
-                marker = json.loads(p.read_text())
-            except ValueError:
-                continue  # cannot happen with atomic writes; redo the shard if it does
+                with self.fs.open_input_stream(info.path) as f:
+                    marker = json.loads(f.read())
+            except (ValueError, OSError):
+                continue  # unreadable: the shard is redone
             out[marker["shard"]] = marker
         return out
 
-    # -- per shard -------------------------------------------------------------------------------------
-    def write_shard(self, key: str, results: pa.Table, errors: pa.Table, marker: dict[str, Any]) -> None:
-        """A finished shard: its result and error files, then its done marker."""
-        name = f"part-{key}.parquet"
-        if results.num_rows:
-            tbl = results.select(list(RESULT_COLUMNS)).cast(RESULTS_SCHEMA)
-            _atomic_write(self.staging / name, lambda p: pq.write_table(tbl, p, compression="zstd"))
-        if errors.num_rows:
-            etbl = errors.select(list(ERROR_COLUMNS)).cast(ERRORS_SCHEMA)
-            _atomic_write(self.staging / ERRORS_DIR / name, lambda p: pq.write_table(etbl, p, compression="zstd"))
-        text = json.dumps(marker, sort_keys=True)
-        _atomic_write(self.staging / DONE_DIR / f"{key}.json", lambda p: p.write_text(text))
+    def write_marker(self, marker: dict[str, Any]) -> None:
+        """A finished shard: its files are complete (the workers closed them)."""
+        with self.fs.open_output_stream(f"{self.marker_dir}/{marker['shard']}.json") as f:
+            f.write(json.dumps(marker, sort_keys=True).encode())
 
     def drop_shards(self, keep: set[str]) -> None:
-        """Remove shards no longer among the inputs (a resumed run whose
-        input lost files), so the published run matches its inputs."""
-        dropped = 0
-        for marker in (self.staging / DONE_DIR).glob("[!.]*.json"):
-            key = marker.stem
-            if key not in keep:
-                dropped += 1
-                for p in (self.staging / f"part-{key}.parquet", self.staging / ERRORS_DIR / f"part-{key}.parquet",
-                          marker):
-                    with contextlib.suppress(FileNotFoundError):
-                        p.unlink()
+        """Forget shards no longer among the inputs (a resumed run whose input changed)."""
+        dropped = [k for k in self.done_markers() if k not in keep]
+        for key in dropped:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.delete_file(f"{self.marker_dir}/{key}.json")
         if dropped:
-            # Changed or removed inputs, or a different shard_bytes/shard_rows
-            # (shard keys include the ranges): those shards are redone.
-            log_event(logger, logging.WARNING, "resume_dropped_shards", run=str(self.rel), shards=dropped)
+            log_event(logger, logging.WARNING, "resume_dropped_shards", run=self.rel, shards=len(dropped))
 
     # -- publishing ------------------------------------------------------------------------------------------
-    def commit(self, summary: dict[str, Any]) -> None:
-        """Publish staging as the run, replacing any earlier run in one step."""
-        text = json.dumps(summary, indent=2, sort_keys=True)
-        _atomic_write(self.staging / SUMMARY_FILE, lambda p: p.write_text(text))
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        if self.final.exists():
-            if not _exchange(self.staging, self.final):
-                old = self.staging.with_name(f".old-{uuid.uuid4().hex}")
-                os.rename(self.final, old)
-                os.rename(self.staging, self.final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                shutil.rmtree(self.staging, ignore_errors=True)  # now the previous run
-        else:
-            os.rename(self.staging, self.final)
+    def commit(self, markers: list[dict[str, Any]], summary: dict[str, Any]) -> int:
+        """Publish the run: one Delta commit replacing the run's partition
+        with the files the markers list.  Returns the table version."""
+        from deltalake import CommitProperties, DeltaTable
+        from deltalake.exceptions import TableNotFoundError
+        from deltalake.transaction import AddAction
 
-
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-    return dst
+        now = int(time.time() * 1000)
+        parts = {"run_date": self.run_date, "workload": self.workload}
+        actions = [AddAction(f"{self.rel}/{f['name']}", int(f["size"]), parts, now, True,
+                             json.dumps({"numRecords": int(f["rows"])}))
+                   for m in markers for f in m.get("files", [])]
+        try:
+            table = DeltaTable(self.uri, storage_options=self.delta_options or None)
+        except TableNotFoundError:
+            DeltaTable.create(self.uri, schema=TABLE_SCHEMA, partition_by=list(PARTITIONS), mode="ignore",
+                              storage_options=self.delta_options or None)
+            table = DeltaTable(self.uri, storage_options=self.delta_options or None)
+        text = json.dumps(summary, sort_keys=True)
+        table.create_write_transaction(
+            actions, mode="overwrite", schema=TABLE_SCHEMA, partition_by=list(PARTITIONS),
+            partition_filters=[("run_date", "=", self.run_date), ("workload", "=", self.workload)],
+            commit_properties=CommitProperties(custom_metadata={"mmpipe.run": self.rel, "mmpipe.summary": text}),
+        )
+        table.update_incremental()  # the object still names the version it read
+        version = table.version()
+        # A convenience copy for tools without a Delta reader; the commit is the truth.
+        with contextlib.suppress(OSError):
+            self.fs.create_dir(self.summary_path.rsplit("/", 1)[0], recursive=True)
+            with self.fs.open_output_stream(self.summary_path) as f:
+                f.write(json.dumps({**summary, "delta_version": version}, indent=2, sort_keys=True).encode())
+        return version
 
 
 # -- reading the output back ---------------------------------------------------------------------------------------
-def read_results(root: str | Path) -> pa.Table:
+def _table(root: str | Path, fs_options: dict[str, Any] | None = None, version: int | None = None) -> pa.Table:
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    uri = str(root)
+    if _is_local(uri):
+        uri = str(Path(uri.removeprefix("file://")).resolve())
+    try:
+        dt = DeltaTable(uri, version=version, storage_options=storage_options(uri, fs_options or {}) or None)
+    except TableNotFoundError:
+        return TABLE_SCHEMA.empty_table()
+    return dt.to_pyarrow_table()
+
+
+def read_results(root: str | Path, fs_options: dict[str, Any] | None = None) -> pa.Table:
     """Every published result row, with ``run_date`` and ``workload`` columns."""
-    root = Path(root)
-    files = sorted(str(p) for p in root.glob("run_date=*/workload=*/part-*.parquet"))
-    return _read(root, files, RESULTS_SCHEMA)
+    tbl = _table(root, fs_options)
+    return tbl.filter(pc.is_null(tbl["error_code"])).select(list(RESULT_COLUMNS))
 
 
-def read_errors(root: str | Path) -> pa.Table:
-    """Every published error row (reason codes), with ``run_date`` and ``workload``."""
-    root = Path(root)
-    files = sorted(str(p) for p in root.glob(f"run_date=*/workload=*/{ERRORS_DIR}/part-*.parquet"))
-    return _read(root, files, ERRORS_SCHEMA)
+def read_errors(root: str | Path, fs_options: dict[str, Any] | None = None) -> pa.Table:
+    """Every published rejected record (reason codes), with ``run_date`` and ``workload``."""
+    tbl = _table(root, fs_options)
+    return tbl.filter(pc.is_valid(tbl["error_code"])).select(list(ERROR_COLUMNS))
 
 
-def read_as_results(root: str | Path) -> list[Result]:
-    """Every published row as a :class:`~pipeline.records.Result`, results
-    and errors alike: result rows from their ``result`` column (the
-    Predictor's result JSON, as written), error rows as error results with
-    their reason code.  This is the inverse of what the job writes, so a
-    tool can compare the batch job's answers with any other path's."""
-    out = [Result.model_validate_json(text) for text in read_results(root).column("result").to_pylist()]
-    for row in read_errors(root).to_pylist():
-        out.append(Result(id=row["id"] or "", workload=row["workload"], model=row["model"] or "",
-                          model_version=row["model_version"] or "",
-                          error=ErrorInfo(code=row["error_code"] or "", message=row["error_message"] or "")))
-    return out
+def read_as_results(root: str | Path, fs_options: dict[str, Any] | None = None) -> list[Result]:
+    """Every published row as a :class:`~pipeline.records.Result` (results
+    and errors alike, from the ``result`` JSON the Predictor produced), so
+    a tool can compare the batch job's answers with any other path's."""
+    return [Result.model_validate_json(t) for t in _table(root, fs_options).column("result").to_pylist()]
 
 
-def read_summary(root: str | Path, run_date: str, workload: str) -> dict[str, Any]:
-    return json.loads((Path(root) / f"run_date={run_date}" / f"workload={workload}" / SUMMARY_FILE).read_text())
+def read_summary(root: str | Path, run_date: str, workload: str, fs_options: dict[str, Any] | None = None,
+                 ) -> dict[str, Any]:
+    """The summary of the published run, from the commit that published it."""
+    from deltalake import DeltaTable
 
-
-def _read(root: Path, files: list[str], schema: pa.Schema) -> pa.Table:
-    part = pa.schema([("run_date", pa.string()), ("workload", pa.string())])
-    if not files:
-        return pa.Table.from_pylist([], schema=pa.unify_schemas([schema, part]))
-    dataset = pads.dataset(files, schema=pa.unify_schemas([schema, part]), format="parquet",
-                           partitioning=pads.partitioning(part, flavor="hive"), partition_base_dir=str(root))
-    return dataset.to_table()
+    uri = str(root)
+    if _is_local(uri):
+        uri = str(Path(uri.removeprefix("file://")).resolve())
+    dt = DeltaTable(uri, storage_options=storage_options(uri, fs_options or {}) or None)
+    rel = f"run_date={run_date}/workload={workload}"
+    for commit in dt.history():
+        if commit.get("mmpipe.run") == rel and "mmpipe.summary" in commit:
+            return json.loads(commit["mmpipe.summary"])
+    raise FileNotFoundError(f"no published run {rel} in {root}")

@@ -1,229 +1,264 @@
-"""The two Ray Data stages: decode (CPU tasks) and infer (an actor pool).
+"""The two Ray Data stages: decode (CPU tasks) and infer-and-write (an actor pool).
 
-Both are thin: decoding is ``Predictor.prepare`` and inference is
-``Predictor.infer``, exactly what every other path runs, so a record gets the
-same result here as anywhere.  What lives here is only the hand-over between
-them: a ``Prepared`` record crosses the task boundary as plain numpy columns
-(fixed-shape tensors; text padded to the workload's max length plus its
-token count), which Ray Data stores as Arrow tensor columns in its object
-store.  No custom object is pickled.
+Both work on the columnar batch end to end.  A decode task reads one shard,
+runs ``Predictor.decode`` over it (a :class:`~pipeline.columnar.ColumnarBatch`)
+and emits it as **one** block (``ColumnarBatch.to_block``: numpy columns, one
+row per input record, rejected records as rows with their reason code) plus
+the shard's bookkeeping columns.  An inference actor rebuilds the batch with
+``ColumnarBatch.from_block``, runs ``Predictor.infer_batch`` and writes the
+rows as a Parquet file into the output table itself; what goes back to the
+driver is one small row per file written (counts, label counts, where it
+ran).  No per-record Python object crosses a process boundary, and no result
+row travels to the driver.
 
-Every shard ends with one ``end`` row carrying its record count, so the
-driver can tell when all of a shard's rows have arrived (rows of one shard
-may be spread over many inference batches, in any order).
+Ray Data may split a large block; a piece is written as its own file and the
+driver counts a shard done once pieces covering all its records are in.
+Each worker process opens its settings, package (trusting the digest the
+driver verified) and filesystems once, and pushes its own metrics.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
+import uuid
+from collections import Counter
 from collections.abc import Iterator
 from functools import lru_cache
+from itertools import chain
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+from prometheus_client import CollectorRegistry
 
 from pipeline.batch.inputs import Shard, open_filesystem, read_shard
+from pipeline.batch.output import FILE_SCHEMA
+from pipeline.batch.pushgateway import push_worker_metrics
+from pipeline.columnar import ColumnarBatch
 from pipeline.config import Settings
+from pipeline.engines import create_engine
+from pipeline.metrics import get_metrics
 from pipeline.package import load_package
 from pipeline.predictor import Predictor
-from pipeline.preprocess import Prepared
-from pipeline.records import Result
+from pipeline.results import ResultBatch
 
-EMIT_ROWS = 64  # decoded records per output block: small blocks keep memory flat
+EMPTY = "_empty"
+"""error_code of the one placeholder row of a shard without records (dropped by the actor)."""
 
-LABEL_TYPE = pa.list_(pa.struct([("head", pa.string()), ("label", pa.string()), ("score", pa.float64())]))
+PIECE_FIELDS = ("shard", "first_seq", "last_seq", "rows", "total", "ok", "errors", "labels", "name", "size",
+                "decode_s", "infer_s", "decode_node", "infer_node", "engine")
 
-OUT_SCHEMA = pa.schema([
-    ("shard", pa.string()), ("seq", pa.int64()), ("kind", pa.string()), ("id", pa.string()),
-    ("error_code", pa.string()), ("error_message", pa.string()), ("source", pa.string()),
-    ("position", pa.int64()), ("count", pa.int64()), ("decode_s", pa.float64()), ("infer_s", pa.float64()),
-    ("model", pa.string()), ("model_version", pa.string()), ("engine", pa.string()), ("provider", pa.string()),
-    ("labels", LABEL_TYPE), ("result", pa.string()),
-    ("preprocess_ms", pa.float64()), ("infer_ms", pa.float64()), ("postprocess_ms", pa.float64()),
-])
+
+def _node() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray (unit tests)
+        return socket.gethostname()
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class _Worker:
+    """What a worker process opens once: settings, the package (trusting
+    the driver's digest), a Predictor recording into the process's own
+    registry, and the metric push."""
+
+    def __init__(self, settings_json: str, package_dir: str, digest: str, *, engine: bool) -> None:
+        self.settings = Settings.model_validate_json(settings_json)
+        package = load_package(package_dir, trusted_digest=digest)
+        self.registry = CollectorRegistry()
+        eng = None
+        if engine:
+            cfg = self.settings.engine.model_copy()
+            if not cfg.threads:  # ONNX Runtime's threads match the CPUs this actor holds
+                cfg.threads = max(1, int(self.settings.batch.actor_num_cpus))
+            eng = create_engine(package, cfg)
+        self.predictor = Predictor(package, eng, limits=self.settings.limits, media=self.settings.media,
+                                   batch_size=self.settings.batch.batch_size, path="batch",
+                                   metrics=get_metrics(self.registry))
+        self.node = _node()
+        self.worker = _worker_id()
+
+    def push_metrics(self) -> None:
+        cfg = self.settings.batch
+        if cfg.pushgateway_url:
+            push_worker_metrics(cfg.pushgateway_url, cfg.pushgateway_job, self.predictor.spec.name, self.registry,
+                                self.worker)
 
 
 @lru_cache(maxsize=4)
-def _decoder(settings_json: str, package_dir: str) -> Predictor:
-    """A decode-only Predictor per worker process: Ray reuses workers across
-    tasks, so the package (checksums, tokenizer) is loaded once per process."""
-    settings = Settings.model_validate_json(settings_json)
-    return Predictor(load_package(package_dir), None, limits=settings.limits, media=settings.media, path="batch")
+def _decode_worker(settings_json: str, package_dir: str, digest: str) -> _Worker:
+    return _Worker(settings_json, package_dir, digest, engine=False)
 
 
-class _Columns:
-    """Decoded rows of one output block, as the numpy columns of a batch."""
-
-    def __init__(self, predictor: Predictor) -> None:
-        self.prep = predictor.spec.preprocessing
-        self.modalities = predictor.spec.modalities
-        self.max_len = self.prep.text.max_length if self.prep.text is not None else 0
-        self.rows: list[dict[str, Any]] = []
-
-    def add(self, shard: str, seq: int, kind: str, *, rid: str = "", code: str = "", message: str = "",
-            source: str = "", position: int = -1, count: int = 0, decode_s: float = 0.0,
-            prepared: Prepared | None = None) -> None:
-        self.rows.append({"shard": shard, "seq": seq, "kind": kind, "id": rid, "error_code": code,
-                          "error_message": message, "source": source, "position": position, "count": count,
-                          "decode_s": decode_s, "prepared": prepared})
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def take(self) -> dict[str, np.ndarray]:
-        rows, self.rows = self.rows, []
-        n = len(rows)
-        out: dict[str, np.ndarray] = {
-            k: np.array([r[k] for r in rows], dtype=object)
-            for k in ("shard", "kind", "id", "error_code", "error_message", "source")
-        }
-        out["seq"] = np.array([r["seq"] for r in rows], dtype=np.int64)
-        out["position"] = np.array([r["position"] for r in rows], dtype=np.int64)
-        out["count"] = np.array([r["count"] for r in rows], dtype=np.int64)
-        out["decode_s"] = np.array([r["decode_s"] for r in rows], dtype=np.float64)
-        preps: list[Prepared | None] = [r["prepared"] for r in rows]
-        out["preprocess_ms"] = np.array([p.preprocess_ms if p else 0.0 for p in preps], dtype=np.float64)
-        out["present"] = np.array(
-            [[1.0 if p and p.present.get(m) else 0.0 for m in self.modalities] for p in preps], dtype=np.float32
-        ).reshape(n, len(self.modalities))
-        prep = self.prep
-        if prep.text is not None:
-            ids = np.zeros((n, self.max_len), dtype=np.int64)
-            offs = np.zeros((n, self.max_len, 2), dtype=np.int32)
-            ntok = np.zeros(n, dtype=np.int64)
-            for i, p in enumerate(preps):
-                if p is not None:
-                    t = p.features["input_ids"]
-                    ids[i, : len(t)], ntok[i] = t, len(t)
-                    if p.offsets:
-                        offs[i, : len(p.offsets)] = p.offsets
-            out["input_ids"], out["offsets"], out["n_tokens"] = ids, offs, ntok
-        shapes: dict[str, tuple[int, ...]] = {}
-        if prep.image is not None:
-            shapes["pixel_values"] = (prep.image.channels, prep.image.size, prep.image.size)
-        if prep.audio is not None:
-            shapes["audio_features"] = (prep.audio.n_mels, prep.audio.frames)
-        if prep.tabular is not None:
-            shapes["tabular"] = (len(prep.tabular.fields),)
-        for key, shape in shapes.items():
-            arr = np.zeros((n, *shape), dtype=np.float32)
-            for i, p in enumerate(preps):
-                if p is not None and key in p.features:
-                    arr[i] = p.features[key]
-            out[key] = arr
-        return out
+@lru_cache(maxsize=8)
+def _filesystem(uri: str, options_json: str) -> tuple[Any, str]:
+    return open_filesystem(uri, json.loads(options_json))
 
 
 def decode_shards(
-    batch: dict[str, np.ndarray], *, settings_json: str, package_dir: str, input_uri: str
+    batch: dict[str, np.ndarray], *, settings_json: str, package_dir: str, digest: str, input_uri: str
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data map_batches function (a CPU task): shards in, decoded records
-    out.  A record that fails to decode becomes an ``error`` row with its
+    """Ray Data map_batches function (a CPU task): shards in, one decoded
+    block per shard out.  A record that fails to decode is a row with its
     reason code; it never fails the task."""
-    predictor = _decoder(settings_json, package_dir)
-    settings = Settings.model_validate_json(settings_json)
-    fs, _ = open_filesystem(input_uri, settings.batch.filesystem)
-    cols = _Columns(predictor)
-    workload = predictor.spec.name
+    w = _decode_worker(settings_json, package_dir, digest)
+    fs, _ = _filesystem(input_uri, json.dumps(w.settings.batch.filesystem, sort_keys=True))
+    pred = w.predictor
+    max_len = pred.spec.preprocessing.text.max_length if pred.spec.preprocessing.text is not None else None
     for i in range(len(batch["key"])):
         shard = Shard(key=str(batch["key"][i]), kind=str(batch["kind"][i]), path=str(batch["path"][i]),  # type: ignore[arg-type]
                       start=int(batch["start"][i]), end=int(batch["end"][i]), files=str(batch["files"][i]))
         t0 = time.perf_counter()
-        seq = 0
-        source = shard.path
-        for position, raw in read_shard(fs, shard, workload, predictor.pre.limits):
-            item = predictor.prepare(raw)
-            if isinstance(item, Result):
-                assert item.error is not None
-                cols.add(shard.key, seq, "error", rid=item.id, code=item.error.code, message=item.error.message,
-                         source=source, position=position)
-            else:
-                cols.add(shard.key, seq, "ok", rid=item.id, source=source, position=position, prepared=item)
-            seq += 1
-            if len(cols) >= EMIT_ROWS:
-                yield cols.take()
-        cols.add(shard.key, -1, "end", source=source, count=seq, decode_s=time.perf_counter() - t0)
-    if len(cols):
-        yield cols.take()
+        positions: list[int] = []
+
+        def raws(s: Shard = shard, out: list[int] = positions) -> Iterator[Any]:
+            for position, raw in read_shard(fs, s, pred.spec.name, pred.pre.limits):
+                out.append(position)
+                yield raw
+
+        cb = pred.decode(raws())
+        total = cb.size
+        if total == 0:
+            b = pred.pre.builder(1)
+            b.reject(0, "", EMPTY, "")
+            cb, positions = b.build(), [-1]
+        block = cb.to_block(max_len)
+        n = cb.size
+        block.update(
+            shard=np.full(n, shard.key, dtype=object), source=np.full(n, shard.path, dtype=object),
+            seq=np.arange(n, dtype=np.int64) if total else np.full(n, -1, dtype=np.int64),
+            position=np.asarray(positions, dtype=np.int64), total=np.full(n, total, dtype=np.int64),
+            decode_s=np.full(n, time.perf_counter() - t0), decode_node=np.full(n, w.node, dtype=object),
+        )
+        yield block
+    w.push_metrics()
 
 
 class InferActor:
-    """Ray Data callable class: one loaded model per actor for the whole job
-    (ONNX Runtime session or a Triton client), fed batches of decoded rows."""
+    """Ray Data callable class: one loaded model per actor for the whole
+    job; each call infers the rows it is given and writes them to the output
+    table's directory as Parquet."""
 
-    def __init__(self, settings_json: str, package_dir: str, batch_size: int) -> None:
-        settings = Settings.model_validate_json(settings_json)
-        self.predictor = Predictor.from_settings(settings, package_dir, path="batch")
-        self.predictor.batch_size = batch_size
-        self.spec = self.predictor.spec
-        self.modalities = self.spec.modalities
+    def __init__(self, settings_json: str, package_dir: str, digest: str, out_dir: str, out_uri: str) -> None:
+        self.w = _Worker(settings_json, package_dir, digest, engine=True)
+        self.pred = self.w.predictor
+        self.fs, _ = _filesystem(out_uri, json.dumps(self.w.settings.batch.output_options(), sort_keys=True))
+        self.out_dir = out_dir
+        spec = self.pred.spec
+        self.block_args = {"workload": spec.name, "modalities": self.pred.pre.modalities,
+                           "pad_id": self.pred.pre.text.pad_id if self.pred.pre.text is not None else 0,
+                           "fixed_length": self.pred.pre.fixed_length}
 
-    def _prepared(self, batch: dict[str, np.ndarray], i: int) -> Prepared:
-        present = {m: bool(batch["present"][i][j]) for j, m in enumerate(self.modalities)}
-        feats: dict[str, np.ndarray] = {}
-        offsets: list[tuple[int, int]] = []
-        if "input_ids" in batch:
-            n = int(batch["n_tokens"][i])
-            feats["input_ids"] = np.asarray(batch["input_ids"][i][:n], dtype=np.int64)
-            offsets = [(int(a), int(b)) for a, b in batch["offsets"][i][:n]]
-        for key, modality in (("pixel_values", "image"), ("audio_features", "audio"), ("tabular", "tabular")):
-            if key in batch and present.get(modality):
-                feats[key] = np.asarray(batch[key][i], dtype=np.float32)
-        return Prepared(id=str(batch["id"][i]), workload=self.spec.name, features=feats, present=present,
-                        offsets=offsets, preprocess_ms=float(batch["preprocess_ms"][i]))
+    def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys = np.asarray(block["shard"], dtype=object)
+        pieces = []
+        for key in dict.fromkeys(keys.tolist()):
+            sel = np.flatnonzero(keys == key)
+            pieces.append(self._piece({k: np.asarray(v)[sel] for k, v in block.items()}))
+        self.w.push_metrics()
+        return {f: np.asarray([p[f] for p in pieces], dtype=object if f in ("shard", "errors", "labels", "name",
+                                                                           "decode_node", "infer_node", "engine")
+                              else None) for f in PIECE_FIELDS}
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def _piece(self, part: dict[str, np.ndarray]) -> dict[str, Any]:
+        key, total = str(part["shard"][0]), int(part["total"][0])
+        piece = {"shard": key, "total": total, "decode_s": float(part["decode_s"][0]),
+                 "decode_node": str(part["decode_node"][0]), "infer_node": self.w.node,
+                 "engine": f"{self.pred.engine.name} ({self.pred.engine.provider})" if self.pred.engine else ""}
+        if total == 0:
+            return {**piece, "first_seq": -1, "last_seq": -1, "rows": 0, "ok": 0, "errors": "{}", "labels": "{}",
+                    "name": "", "size": 0, "infer_s": 0.0}
         t0 = time.perf_counter()
-        kinds = [str(k) for k in batch["kind"]]
-        ok = [i for i, k in enumerate(kinds) if k == "ok"]
-        results = dict(zip(ok, self.predictor.infer([self._prepared(batch, i) for i in ok]), strict=True))
-        n = len(kinds)
-        share = (time.perf_counter() - t0) / max(n, 1)
-        pkg, eng = self.predictor.package, self.predictor.engine
-        assert eng is not None
-        cols: dict[str, list[Any]] = {f.name: [] for f in OUT_SCHEMA}
-        for i in range(n):
-            res = results.get(i)
-            kind, code, message = kinds[i], str(batch["error_code"][i]), str(batch["error_message"][i])
-            if res is not None and res.error is not None:  # the engine failed on this record
-                kind, code, message = "error", res.error.code, res.error.message
-            cols["kind"].append(kind)
-            cols["error_code"].append(code or None)
-            cols["error_message"].append(message or None)
-            cols["labels"].append(_labels(res) if res is not None and res.error is None else None)
-            cols["result"].append(res.model_dump_json(exclude_none=True) if res is not None and res.error is None
-                                  else None)
-            timings = res.timings_ms if res is not None else {}
-            for stage in ("preprocess", "infer", "postprocess"):
-                cols[f"{stage}_ms"].append(timings.get(stage))
-            cols["infer_s"].append(share)
-        for key in ("shard", "id", "source"):
-            cols[key] = [str(x) for x in batch[key]]
-        for key in ("seq", "position", "count"):
-            cols[key] = [int(x) for x in batch[key]]
-        cols["decode_s"] = [float(x) for x in batch["decode_s"]]
-        cols["model"] = [pkg.name] * n
-        cols["model_version"] = [pkg.version] * n
-        cols["engine"] = [eng.name] * n
-        cols["provider"] = [eng.provider] * n
-        return pa.Table.from_pydict(cols, schema=OUT_SCHEMA)
+        res = self.pred.infer_batch(ColumnarBatch.from_block(part, **self.block_args))
+        tbl, label_counts = result_table(res, part)
+        name = f"part-{key}-{int(part['seq'][0]):07d}-{uuid.uuid4().hex[:8]}.parquet"
+        path = f"{self.out_dir}/{name}"
+        pq.write_table(tbl, path, filesystem=self.fs, compression="zstd")
+        size = self.fs.get_file_info(path).size
+        return {**piece, "first_seq": int(part["seq"][0]), "last_seq": int(part["seq"][-1]), "rows": tbl.num_rows,
+                "ok": res.ok_count, "errors": json.dumps(Counter(res.rejected.codes)),
+                "labels": json.dumps(label_counts), "name": name, "size": int(size),
+                "infer_s": time.perf_counter() - t0}
 
 
-def _labels(res: Result) -> list[dict[str, Any]]:
-    """The predicted labels as flat rows: the top class of a multiclass head,
-    every label over threshold of a multilabel head, every span of a token
-    head.  This is what label counts count."""
-    out: list[dict[str, Any]] = []
-    for name, head in (res.heads or {}).items():
-        if head.type == "token":
-            out += [{"head": name, "label": s.label, "score": s.score} for s in head.spans or []]
-        elif head.type == "multiclass":
-            out += [{"head": name, "label": ls.label, "score": ls.score} for ls in head.labels[:1]]
+# -- result rows as Arrow columns ------------------------------------------------------------------------------
+def result_table(res: ResultBatch, part: dict[str, np.ndarray]) -> tuple[pa.Table, dict[str, dict[str, int]]]:
+    """One row per input record of ``part`` (results and rejected records
+    in input order), built column by column; and the label counts."""
+    n = res.size
+    code = np.full(n, None, dtype=object)
+    msg = np.full(n, None, dtype=object)
+    code[res.rejected.positions] = res.rejected.codes
+    msg[res.rejected.positions] = res.rejected.messages
+    labels, counts = label_column(res)
+    timings = {}
+    for stage in ("preprocess", "infer", "postprocess"):
+        col = np.full(n, np.nan)
+        col[res.positions] = res.timings[stage]
+        timings[f"{stage}_ms"] = pa.array(col, pa.float64(), mask=np.isnan(col))
+    const = {"model": res.model, "model_version": res.model_version, "engine": res.engine, "provider": res.provider}
+    cols = {
+        "id": pa.array(part["id"], pa.string()), "error_code": pa.array(code, pa.string()),
+        "error_message": pa.array(msg, pa.string()), "source": pa.array(part["source"], pa.string()),
+        "position": pa.array(part["position"], pa.int64()),
+        **{k: pa.array(np.full(n, v, dtype=object), pa.string()) for k, v in const.items()},
+        "labels": labels,
+        "result": pa.array(res.json_lines(), pa.binary()).cast(pa.string()),
+        **timings,
+    }
+    return pa.table(cols, schema=FILE_SCHEMA), counts
+
+
+def label_column(res: ResultBatch) -> tuple[pa.Array, dict[str, dict[str, int]]]:
+    """The predicted labels of every row as a list<struct<head, label,
+    score>> column (the top class of a multiclass head, every label over
+    threshold of a multilabel head, every span of a token head; null for a
+    rejected record), built from the heads' columns without per-label
+    objects; and how often each label was predicted."""
+    n = res.size
+    rows, heads, names, scores = [], [], [], []
+    counts: dict[str, dict[str, int]] = {}
+    for h in res.heads:
+        spec = h.spec
+        if spec.type == "token":
+            spans = h.spans or []
+            per = np.fromiter(map(len, spans), dtype=np.int64, count=len(spans))
+            lab = np.asarray([s[2] for s in chain.from_iterable(spans)], dtype=object)
+            sc = np.asarray([s[3] for s in chain.from_iterable(spans)], dtype=np.float64)
         else:
-            out += [{"head": name, "label": ls.label, "score": ls.score} for ls in head.labels]
-    return out
+            picked = (h.picked or []) if spec.type == "multilabel" else [p[:1] for p in h.picked or []]
+            per = np.fromiter(map(len, picked), dtype=np.int64, count=len(picked))
+            flat = np.fromiter(chain.from_iterable(picked), dtype=np.int64, count=int(per.sum()))
+            r = np.repeat(np.arange(len(picked)), per)
+            lab = np.asarray(spec.labels, dtype=object)[flat] if len(flat) else np.zeros(0, dtype=object)
+            sc = h.probs[r, flat].astype(np.float64) if h.probs is not None and len(flat) else np.zeros(0)
+        rows.append(np.repeat(res.positions, per))
+        heads.append(np.full(len(lab), spec.name, dtype=object))
+        names.append(lab)
+        scores.append(sc)
+        uniq, cnt = np.unique(lab.astype(str), return_counts=True) if len(lab) else ([], [])
+        counts[spec.name] = {str(u): int(c) for u, c in zip(uniq, cnt, strict=True)}
+    row = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    order = np.argsort(row, kind="stable")  # heads in spec order within a row
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=n))]).astype(np.int32)
+    values = pa.StructArray.from_arrays(
+        [pa.array(np.concatenate(heads)[order] if heads else [], pa.string()),
+         pa.array(np.concatenate(names)[order] if names else [], pa.string()),
+         pa.array(np.concatenate(scores)[order] if scores else [], pa.float64())],
+        names=["head", "label", "score"])
+    rejected = np.zeros(n, dtype=bool)
+    rejected[res.rejected.positions] = True
+    arr = pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(rejected))
+    return arr.cast(FILE_SCHEMA.field("labels").type), counts
 
 
 def settings_json(settings: Settings) -> str:

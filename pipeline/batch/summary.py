@@ -18,8 +18,11 @@ def aggregate(markers: list[dict[str, Any]]) -> dict[str, Any]:
     """Totals over the done markers of a run."""
     errors: Counter[str] = Counter()
     labels: dict[str, Counter[str]] = {}
-    out = {"records_in": 0, "results": 0, "decode_s": 0.0, "infer_s": 0.0}
+    out: dict[str, Any] = {"records_in": 0, "results": 0, "decode_s": 0.0, "infer_s": 0.0}
+    nodes: dict[str, set[str]] = {"decode": set(), "infer": set()}
     for m in markers:
+        for stage, ids in m.get("nodes", {}).items():
+            nodes.setdefault(stage, set()).update(ids)
         out["records_in"] += m["records"]
         out["results"] += m["ok"]
         out["decode_s"] += m.get("decode_s", 0.0)
@@ -29,6 +32,7 @@ def aggregate(markers: list[dict[str, Any]]) -> dict[str, Any]:
             labels.setdefault(head, Counter()).update(counts)
     out["errors_by_reason"] = dict(sorted(errors.items()))
     out["errors"] = sum(errors.values())
+    out["nodes"] = {stage: sorted(ids) for stage, ids in nodes.items()}
     out["labels"] = {h: dict(sorted(c.items())) for h, c in sorted(labels.items())}
     return out
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -110,6 +111,21 @@ def tagged_f1(spec: WorkloadSpec, tags: Path, run_date: str, labels: dict[str, A
     return score_results(spec, [Result.model_validate_json(r["result"]) for r in rows], labels)
 
 
+def _quiet_library_hints() -> None:
+    """ONNX Runtime's quantizer logs a pre-processing hint through the root
+    logger while the demo builds its int8 variants: advice for someone
+    tuning quantization, not for a demo user.  Shown at ``--log-level DEBUG``."""
+    root = logging.getLogger()
+    if root.getEffectiveLevel() <= logging.DEBUG:
+        return
+
+    def not_ort_hint(record: logging.LogRecord) -> bool:
+        return "onnxruntime" not in record.pathname or "quantization" not in record.pathname
+
+    for handler in root.handlers:
+        handler.addFilter(not_ort_hint)
+
+
 def run_demo(
     out: Path, records: int = 300, retrain: bool = False, workloads: tuple[str, ...] = BUILTIN_WORKLOADS
 ) -> int:
@@ -121,6 +137,7 @@ def run_demo(
     from pipeline.config import BatchConfig, EngineConfig, Settings
 
     out.mkdir(parents=True, exist_ok=True)
+    _quiet_library_hints()
     if id_hash_key() is None:
         # The demo's medical records are made up, but the workload still
         # pseudonymises ids in logs: a key for this run only, never stored.

@@ -51,14 +51,13 @@ def _visible(out: Path) -> dict[str, Any]:
     """What a reader of the output sees: published runs and their rows."""
     from pipeline.batch.output import read_errors, read_results
 
-    final = out / f"run_date={RUN_DATE}"
-    staging = out / "_staging" / f"run_date={RUN_DATE}"
+    staging = out / "_mmpipe" / "staging" / f"run_date={RUN_DATE}"
     return {
-        "final_exists": final.exists(),
+        "final_exists": (out / "_delta_log").exists(),
         "published_result_rows": read_results(out).num_rows if out.exists() else 0,
         "published_error_rows": read_errors(out).num_rows if out.exists() else 0,
-        "staging_done_markers": len(list(staging.glob("workload=*/_done/[!.]*.json"))),
-        "staging_temp_files": len(list(staging.rglob(".tmp-*"))),
+        "staging_done_markers": len(list(staging.glob("workload=*/[!.]*.json"))),
+        "staging_temp_files": 0,
     }
 
 

@@ -86,8 +86,8 @@ def test_inference_actor_killed_during_batch_job(packages, ray_cluster, tmp_path
     settings = Settings(engine=EngineConfig(kind="onnxruntime", device="cpu", threads=1),
                         batch=BatchConfig(batch_size=8, shard_bytes=24 * 1024, progress=False))
     opts = JobOptions(input=str(tmp_path / "records.jsonl"), output=str(out), run_date=RUN_DATE, package=str(pkg))
-    final = out / f"run_date={RUN_DATE}" / "workload=retail"
-    done_dir = out / "_staging" / f"run_date={RUN_DATE}" / "workload=retail" / "_done"
+    delta_log = out / "_delta_log"  # the table exists once a run is published
+    done_dir = out / "_mmpipe" / "staging" / f"run_date={RUN_DATE}" / "workload=retail"
     state: dict[str, Any] = {}
 
     def job() -> None:
@@ -100,10 +100,11 @@ def test_inference_actor_killed_during_batch_job(packages, ray_cluster, tmp_path
     th.start()
     killed: list[int] = []
     markers_at_kill = 0
-    visible_early = False
+    markers_when_visible: int | None = None  # done shards when a commit first appeared
     while th.is_alive():
-        visible_early = visible_early or final.exists()
         markers = len(list(done_dir.glob("[!.]*.json"))) if done_dir.is_dir() else 0
+        if markers_when_visible is None and delta_log.exists():
+            markers_when_visible = markers
         if not killed and markers >= 2:
             actors = descendants(os.getpid(), "InferActor")
             if actors:
@@ -117,10 +118,12 @@ def test_inference_actor_killed_during_batch_job(packages, ray_cluster, tmp_path
     resumed = None
     if not recovered:
         # A clean failure: nothing published; --resume finishes from the shards done.
-        assert not final.exists() and read_results(out).num_rows == 0, "a failed job published (part of) its run"
+        assert not delta_log.exists() and read_results(out).num_rows == 0, "a failed job published (part of) its run"
         resumed = run_batch(settings, JobOptions(**{**opts.__dict__, "resume": True}))
     summary = state.get("summary") or resumed
     assert summary is not None
+    # Published only once every shard was done (the commit follows the last marker).
+    visible_early = markers_when_visible is not None and markers_when_visible < summary["shards"]
     res = [r for r in read_results(out).to_pylist() if r["run_date"] == RUN_DATE]
     err = [e for e in read_errors(out).to_pylist() if e["run_date"] == RUN_DATE]
     o = report(batch_outcome(

@@ -20,6 +20,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -249,7 +250,7 @@ def test_rerun_replaces_atomically_and_resume_skips_done_inputs(packages, local_
     assert read_results(out).num_rows + read_errors(out).num_rows == 20
     assert seen, "the reader never saw the run"
     assert all(records == rows for records, rows in seen), f"a read saw a mixed run: {set(seen)}"
-    assert not (out / "_staging" / f"run_date={RUN_DATE}" / "workload=medical").exists()
+    assert second["delta_version"] == first["delta_version"] + 1, "a rerun is one commit"
 
     # --resume with a new input file: only the new file's shards run.
     write_jsonl(inp / "c.jsonl", lines[20:])
@@ -286,8 +287,7 @@ def test_killed_driver_publishes_nothing_and_resume_finishes(packages, local_ray
          "--run-date", RUN_DATE, "--no-progress"],
         env=env, cwd=tmp_path, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
     )
-    done_dir = out / "_staging" / f"run_date={RUN_DATE}" / "workload=media" / "_done"
-    final = out / f"run_date={RUN_DATE}" / "workload=media"
+    done_dir = out / "_mmpipe" / "staging" / f"run_date={RUN_DATE}" / "workload=media"
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -305,8 +305,9 @@ def test_killed_driver_publishes_nothing_and_resume_finishes(packages, local_ray
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert not final.exists(), "a killed job published (part of) its run"
-    assert read_results(out).num_rows == 0 and read_errors(out).num_rows == 0
+    assert not (out / "_delta_log").exists(), "a killed job published (part of) its run"
+    assert list(out.glob(f"run_date={RUN_DATE}/workload=media/part-*.parquet")), "the workers wrote no files"
+    assert read_results(out).num_rows == 0 and read_errors(out).num_rows == 0, "uncommitted files are visible"
     done_before = len(list(done_dir.glob("[!.]*.json")))  # not a temp file the kill interrupted
     assert done_before >= 3
     # The same shard plan as the killed run (shard keys include the byte ranges).
@@ -359,28 +360,43 @@ def test_job_on_triton_gives_onnxruntime_results(packages, local_ray, tmp_path) 
 
 
 # -- Pushgateway ----------------------------------------------------------------------------------------------------
+def _worker_sum(gw: Pushgateway, name: str, job: str, **labels: str) -> float:
+    """``name`` summed over the workers' groups (what Prometheus' sum() gives)."""
+    total = 0.0
+    want = {"path": "batch", "workload": "retail", "job": job, **labels}
+    for line in gw.metrics().splitlines():
+        m = re.match(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", line)
+        if m and "worker" in (have := dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))) \
+                and all(have.get(k) == v for k, v in want.items()):
+            total += float(m.group(2))
+    return total
+
+
 def test_metrics_pushed_to_a_real_pushgateway(packages, local_ray, tmp_path) -> None:
     binary, why = pushgateway_binary()
     if binary is None:
         pytest.skip(why)
     gw = Pushgateway(binary, tmp_path)
     gw.start()
+    job = f"nightly-test-{os.getpid()}-{time.time_ns()}"  # this run's groups only
     lines, _ = sample_lines("retail", 10, seed=4)
     write_jsonl(tmp_path / "records.jsonl", lines)
     try:
-        settings = settings_for(pushgateway_url=gw.url, pushgateway_job="nightly-test")
+        settings = settings_for(pushgateway_url=gw.url, pushgateway_job=job)
         t0 = time.time()
         summary = run_batch(settings, JobOptions(input=str(tmp_path / "records.jsonl"), output=str(tmp_path / "o"),
                                                  run_date=RUN_DATE, package=str(packages["retail"])))
         assert summary["pushgateway"] == {"url": gw.url, "pushed": True}
-        labels = {"job": "nightly-test", "workload": "retail"}
+        labels = {"job": job, "workload": "retail"}
         assert gw.value("mmpipe_job_records", outcome="in", **labels) == len(lines)
         assert gw.value("mmpipe_job_records", outcome="ok", **labels) == summary["results"]
         assert gw.value("mmpipe_job_records", outcome="error", **labels) == summary["errors"] > 0
         assert gw.value("mmpipe_job_last_success_timestamp_seconds", **labels) >= t0
         assert gw.value("mmpipe_job_duration_seconds", **labels) > 0
-        assert gw.value("mmpipe_records_total", path="batch", outcome="ok", workload="retail") == summary["results"]
-        assert gw.value("mmpipe_record_errors_total", path="batch", reason="bad_json", workload="retail") == 2
+        # Records and errors come from the workers' own registries (one group per worker), not the summary.
+        assert _worker_sum(gw, "mmpipe_records_total", job, outcome="ok") == summary["results"]
+        assert _worker_sum(gw, "mmpipe_record_errors_total", job, reason="bad_json") == 2
+        assert _worker_sum(gw, "mmpipe_stage_seconds_count", job, stage="infer") > 0
     finally:
         gw.stop()
     # A Pushgateway that is down: the run is still published, the summary says it was not pushed.

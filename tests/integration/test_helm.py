@@ -241,7 +241,7 @@ def test_ray_backend(helm: str) -> None:
     # the nightly job runs against this RayService's cluster
     (cron,) = by_kind(objs, "CronJob")
     env = {e["name"]: e for e in cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["RAY_ADDRESS"]["value"] == f"ray://{RELEASE}-mmpipe-ray-head-svc:10001"
+    assert env["RAY_ADDRESS"]["value"] == f"http://{RELEASE}-mmpipe-ray-head-svc:8265"
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "mmpipe-s3",
                                                                          "key": "AWS_SECRET_ACCESS_KEY"}
     kinds = {o["kind"] for o in objs}

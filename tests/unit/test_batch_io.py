@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.batch.inputs import InputError, open_filesystem, plan_shards, read_shard
-from pipeline.batch.output import OutputError, RunOutput, read_errors, read_results, read_summary
+from pipeline.batch.output import FILE_SCHEMA, OutputError, RunOutput, read_errors, read_results, read_summary
 from pipeline.config import Limits
 
 
@@ -74,32 +74,49 @@ def _tables(n_ok: int, n_err: int) -> tuple[pa.Table, pa.Table]:
     return ok, err
 
 
-def test_staging_commit_replace_and_lock(tmp_path: Path) -> None:
+def _write(out: RunOutput, key: str, n_ok: int, n_err: int) -> dict:
+    """What an inference actor does for one shard: its file in the table's
+    directory; then the driver's done marker naming it."""
+    rows = [r for t in _tables(n_ok, n_err) for r in t.to_pylist()]
+    tbl = pa.Table.from_pylist([{f.name: r.get(f.name) for f in FILE_SCHEMA} for r in rows], schema=FILE_SCHEMA)
+    name = f"part-{key}.parquet"
+    pq.write_table(tbl, f"{out.data_dir}/{name}", filesystem=out.fs)
+    marker = {"shard": key, "records": n_ok + n_err, "ok": n_ok, "errors": {"bad_json": n_err} if n_err else {},
+              "files": [{"name": name, "size": out.fs.get_file_info(f"{out.data_dir}/{name}").size,
+                         "rows": n_ok + n_err}]}
+    out.write_marker(marker)
+    return marker
+
+
+def test_uncommitted_files_invisible_commit_replaces_and_lock(tmp_path: Path) -> None:
     out = RunOutput(tmp_path, "2026-05-01", "retail")
     assert out.open(resume=False) == {}
-    ok, err = _tables(3, 2)
-    out.write_shard("k1", ok, err, {"shard": "k1", "records": 5, "ok": 3, "errors": {"bad_json": 2}})
-    assert read_results(tmp_path).num_rows == 0, "staging is invisible"
+    m1 = _write(out, "k1", 3, 2)
+    assert read_results(tmp_path).num_rows == 0, "files no commit names are invisible"
     second = RunOutput(tmp_path, "2026-05-01", "retail")
     with pytest.raises(OutputError, match="another job"):
         second.open(resume=False)
-    out.commit({"records_in": 5})
+    v1 = out.commit([m1], {"records_in": 5})
     out.close()
     assert read_results(tmp_path).num_rows == 3 and read_errors(tmp_path).num_rows == 2
     assert set(read_results(tmp_path).column("workload").to_pylist()) == {"retail"}
     assert read_summary(tmp_path, "2026-05-01", "retail") == {"records_in": 5}
-    # resume from the published run keeps its shards; a rerun replaces the run whole
+    # resume from the published run keeps its shards; a rerun replaces the run whole, in one commit
     again = RunOutput(tmp_path, "2026-05-01", "retail")
     assert set(again.open(resume=True)) == {"k1"}
     again.close()
     rerun = RunOutput(tmp_path, "2026-05-01", "retail")
     assert rerun.open(resume=False) == {}
-    ok, err = _tables(1, 0)
-    rerun.write_shard("k2", ok, err, {"shard": "k2", "records": 1, "ok": 1, "errors": {}})
-    rerun.commit({"records_in": 1})
+    m2 = _write(rerun, "k2", 1, 0)
+    assert rerun.commit([m2], {"records_in": 1}) == v1 + 1
     rerun.close()
     assert read_results(tmp_path).num_rows == 1 and read_errors(tmp_path).num_rows == 0
-    assert not list((tmp_path / "_staging").rglob("*.parquet"))
+    # another workload's run of the same date is untouched by either
+    other = RunOutput(tmp_path, "2026-05-01", "media")
+    other.open(resume=False)
+    other.commit([_write(other, "k3", 2, 0)], {"records_in": 2})
+    other.close()
+    assert read_results(tmp_path).num_rows == 3
 
 
 def test_cli_refuses_bad_package_and_input_with_exit_2(tmp_path: Path, tiny_packages: dict[str, Path],

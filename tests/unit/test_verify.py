@@ -9,7 +9,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
 from exporters.onnx_export import export_package
@@ -124,12 +123,12 @@ def test_batch_rows_read_back_as_the_predictors_results(exported_retail: Path, t
     """Decode and infer stages of the job (called directly, without Ray),
     written as the job writes them, read back by read_as_results."""
     import numpy as np
-    import pyarrow.compute as pc
 
     from pipeline.batch.inputs import open_filesystem, plan_shards
     from pipeline.batch.output import RunOutput, read_as_results
     from pipeline.batch.stages import InferActor, decode_shards, settings_json
     from pipeline.config import EngineConfig, Settings
+    from pipeline.package import load_package
     from pipeline.records import record_bytes
 
     recs = _sample()
@@ -141,15 +140,16 @@ def test_batch_rows_read_back_as_the_predictors_results(exported_retail: Path, t
     rows = [s.row() for s in shards]
     batch = {k: np.array([r[k] for r in rows]) for k in rows[0]}
     sj = settings_json(settings)
-    actor = InferActor(sj, str(exported_retail), 8)
-    tables = [actor(b) for b in decode_shards(batch, settings_json=sj, package_dir=str(exported_retail),
-                                              input_uri=path)]
-    tbl = pa.concat_tables(tables)
+    digest = load_package(exported_retail).digest
     out = RunOutput(tmp_path / "out", "2026-05-01", "retail")
     out.open(resume=False)
-    out.write_shard(shards[0].key, tbl.filter(pc.equal(tbl["kind"], "ok")), tbl.filter(pc.equal(tbl["kind"], "error")),
-                    {"shard": shards[0].key})
-    out.commit({})
+    actor = InferActor(sj, str(exported_retail), digest, out.data_dir, out.uri)
+    pieces = [actor(b) for b in decode_shards(batch, settings_json=sj, package_dir=str(exported_retail),
+                                              digest=digest, input_uri=path)]
+    files = [{"name": str(n), "size": int(z), "rows": int(r)}
+             for p in pieces for n, z, r in zip(p["name"], p["size"], p["rows"], strict=True) if r]
+    assert sum(f["rows"] for f in files) == len(recs)
+    out.commit([{"shard": shards[0].key, "files": files}], {})
     out.close()
     pred = Predictor.from_settings(settings, str(exported_retail))
     _same(read_as_results(tmp_path / "out"), pred.predict(recs))
