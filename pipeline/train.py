@@ -480,8 +480,8 @@ def train(
         if text_source == "builtin":
             text_over["vocab_size"] = encoder.vocab_size
         overrides["text"] = text_over
-    if dec_tok is not None:
-        overrides["generative"] = _generative_overrides(spec, dec_tok)
+    if dec_tok is not None:  # decoder size may be overridden (n_embd, n_layer, n_head, n_positions)
+        overrides["generative"] = {**_generative_overrides(spec, dec_tok), **overrides.get("generative", {})}
     cfg = FusionConfig.for_workload(spec, **overrides)
     model = FusionModel(cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
