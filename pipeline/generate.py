@@ -89,6 +89,7 @@ class TokenEvent:
     text: str = field(default="", repr=False)
     finish_reason: str | None = None
     error: ErrorInfo | None = None
+    prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -228,22 +229,26 @@ def decode(
 
 # -- ONNX Runtime backend -----------------------------------------------------------------
 class OrtBackend:
-    """The exported graphs on ONNX Runtime.  With a GPU provider and
-    ``io_binding`` the prefix and the cache are OrtValues on the device and
-    only logits are copied back; on the CPU provider plain ``run`` is used
-    (binding would only add copies), and that is logged once."""
+    """The exported graphs on ONNX Runtime.  The prefix and the cache are
+    OrtValues handed from step to step untouched: with a GPU provider and
+    ``io_binding`` they live on the device (I/O binding) and only logits are
+    copied back; on the CPU provider they stay in host memory, and that is
+    logged once."""
 
     def __init__(self, files: dict[str, Any], engine: EngineConfig, io_binding: bool = True) -> None:
         from pipeline.engines.onnx_engine import CPU, OnnxRuntimeEngine
 
         common = {"device": engine.device, "providers": engine.providers, "threads": engine.threads,
                   "graph_optimization": engine.graph_optimization, "trt_fp16": engine.trt_fp16}
+        import onnxruntime
+
+        self._ort = onnxruntime
         self.sessions = {g: OnnxRuntimeEngine(files[g], **common).session for g in GRAPHS}
         self.provider = self.sessions["decoder_step"].get_providers()[0]
         self.on_device = io_binding and self.provider != CPU
         if io_binding and not self.on_device:
             log_event(logger, logging.INFO, "generate_io_binding_off", provider=self.provider,
-                      reason="cpu provider: the cache stays in host memory")
+                      reason="cpu provider: the cache stays in host memory (as OrtValues)")
         self._device = "cuda"
         self._outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
         self._cache_in = [i.name for i in self.sessions["decoder_step"].get_inputs() if i.name.startswith("past_")]
@@ -252,7 +257,8 @@ class OrtBackend:
         sess = self.sessions["encoder"]
         ins = {i.name: np.ascontiguousarray(feeds[i.name]) for i in sess.get_inputs()}
         if not self.on_device:
-            return sess.run(None, ins)[0]
+            ort_value = self._ort.OrtValue.ortvalue_from_numpy
+            return sess.run_with_ort_values(self._outputs["encoder"], {k: ort_value(v) for k, v in ins.items()})[0]
         binding = sess.io_binding()
         for name, arr in ins.items():
             binding.bind_cpu_input(name, arr)
@@ -262,9 +268,12 @@ class OrtBackend:
 
     def _run(self, graph: str, small: dict[str, np.ndarray], big: dict[str, Any]) -> tuple[np.ndarray, Any]:
         sess = self.sessions[graph]
-        if not self.on_device:
-            outs = sess.run(None, {**small, **big})
-            return outs[0], outs[1:]
+        if not self.on_device:  # OrtValues in and out: the cache is handed back without a numpy copy
+            ort_value = self._ort.OrtValue.ortvalue_from_numpy
+            arrays = {k: np.ascontiguousarray(v) for k, v in small.items()}  # alive while the run reads them
+            outs = sess.run_with_ort_values(self._outputs[graph], {**{k: ort_value(v) for k, v in arrays.items()},
+                                                                   **big})
+            return outs[0].numpy(), outs[1:]
         binding = sess.io_binding()
         for name, arr in small.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(arr))
@@ -354,8 +363,7 @@ class Generator:
                     first_token_ms = (time.perf_counter() - t0) * 1000.0
             if ev.finish_reason:
                 r["finish"] = ev.finish_reason
-            r["id"] = ev.id
-            r.setdefault("prompt", self._prompt_len.get(ev.index, 0))
+            r["id"], r["prompt"] = ev.id, ev.prompt_tokens
         total_ms = (time.perf_counter() - t0) * 1000.0
         out = []
         for r in results:
@@ -378,7 +386,6 @@ class Generator:
         new = self._check_call(len(items), max_new_tokens, messages, stop_token_ids)
         sampling = sampling or Sampling.from_config(self.config)
         sampling.check()
-        self._prompt_len: dict[int, int] = {}
         ready: list[tuple[int, Prepared, list[int]]] = []
         for i, item in enumerate(items):
             try:
@@ -386,7 +393,6 @@ class Generator:
             except RecordError as exc:
                 yield TokenEvent(i, _item_id(item), error=ErrorInfo(code=exc.code.value, message=exc.message))
                 continue
-            self._prompt_len[i] = len(prompt)
             ready.append((i, prepared, prompt))
         size = self.config.batch_size
         for start in range(0, len(ready), size):
@@ -431,21 +437,34 @@ class Generator:
         steps = decode(self.backend, feeds, [p for _, _, p in batch], self.prefix_tokens, max_new_tokens=new,
                        stop_ids=stops, pad_id=self.tokenizer.pad_id, sampling=sampling, indices=indices,
                        use_cache=self.config.use_cache)
-        for tokens, finished in steps:
-            for row, (index, prepared, _) in enumerate(batch):
-                if not live[row]:
-                    continue
-                tok = int(tokens[row])
-                stop = tok in stops[row]
-                delta = ""
-                if not stop:
-                    generated[row].append(tok)
-                    text = self.tokenizer.decode(generated[row])
-                    delta, texts[row] = text[len(texts[row]):] if text.startswith(texts[row]) else text, text
-                reason = ("stop" if stop else "length") if finished[row] else None
-                yield TokenEvent(index, prepared.id, token_id=None if stop else tok, text=delta,
-                                 finish_reason=reason)
-                live[row] = not finished[row]
+        try:
+            for tokens, finished in steps:
+                yield from self._events(batch, tokens, finished, stops, generated, texts, live)
+        except Exception as exc:  # the engine failed: these records get an error, the call goes on
+            log_event(logger, logging.ERROR, "generate_failed", error=type(exc).__name__, records=len(batch))
+            err = ErrorInfo(code=Reason.INFERENCE_FAILED.value, message=f"generation failed ({type(exc).__name__})")
+            for row, (index, prepared, prompt) in enumerate(batch):
+                if live[row]:
+                    yield TokenEvent(index, prepared.id, error=err, prompt_tokens=len(prompt))
+
+    def _events(self, batch: list[tuple[int, Prepared, list[int]]], tokens: np.ndarray, finished: np.ndarray,
+                stops: list[frozenset[int]], generated: list[list[int]], texts: list[str], live: list[bool]
+                ) -> Iterator[TokenEvent]:
+        """One step's events; ``generated``, ``texts`` and ``live`` are updated."""
+        for row, (index, prepared, prompt) in enumerate(batch):
+            if not live[row]:
+                continue
+            tok = int(tokens[row])
+            stop = tok in stops[row]
+            delta = ""
+            if not stop:
+                generated[row].append(tok)
+                text = self.tokenizer.decode(generated[row])
+                delta, texts[row] = text[len(texts[row]):] if text.startswith(texts[row]) else text, text
+            reason = ("stop" if stop else "length") if finished[row] else None
+            yield TokenEvent(index, prepared.id, token_id=None if stop else tok, text=delta,
+                             finish_reason=reason, prompt_tokens=len(prompt))
+            live[row] = not finished[row]
 
 
 def _item_id(item: Any) -> str:

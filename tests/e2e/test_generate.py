@@ -160,3 +160,29 @@ def test_trained_dir_and_package_carry_the_decoder_vocabulary(trained) -> None:
     pkg = trained[1]
     assert (Path(pkg.root) / "generate" / "tokenizer.json").is_file()
     assert pkg.manifest.variants["generate-fp32"].model_dump()["head"] == load_workload(WORKLOAD).generation.head
+
+
+class _Failing:
+    """An engine that fails mid-generation (after the first step)."""
+
+    provider = "test"
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def encode(self, feeds):
+        return self.inner.encode(feeds)
+
+    def first(self, *args):
+        return self.inner.first(*args)
+
+    def step(self, *args):
+        raise RuntimeError("device lost")
+
+
+def test_an_engine_failure_becomes_error_results(trained, generator: Generator, held_out) -> None:
+    failing = Generator(trained[1], backend=_Failing(generator.backend), config=GenerateConfig(batch_size=2))
+    out = failing.generate([s.record for s in held_out[:3]] + [{"id": "y", "workload": WORKLOAD}])
+    assert [r.error.code if r.error else None for r in out] == [Reason.INFERENCE_FAILED.value] * 3 + [
+        Reason.NO_MODALITY.value]
+    assert "device lost" not in out[0].error.message, "engine messages may quote inputs: the kind only"
