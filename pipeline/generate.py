@@ -235,7 +235,10 @@ class OrtBackend:
     copied back; on the CPU provider they stay in host memory, and that is
     logged once."""
 
-    def __init__(self, files: dict[str, Any], engine: EngineConfig, io_binding: bool = True) -> None:
+    def __init__(self, files: dict[str, Any], engine: EngineConfig, io_binding: bool = True,
+                 bind_device: str | None = None) -> None:
+        """``bind_device``: use I/O binding on this ORT device type whatever
+        the provider (``"cpu"`` runs the binding path where no GPU is)."""
         from pipeline.engines.onnx_engine import CPU, OnnxRuntimeEngine
 
         common = {"device": engine.device, "providers": engine.providers, "threads": engine.threads,
@@ -245,11 +248,11 @@ class OrtBackend:
         self._ort = onnxruntime
         self.sessions = {g: OnnxRuntimeEngine(files[g], **common).session for g in GRAPHS}
         self.provider = self.sessions["decoder_step"].get_providers()[0]
-        self.on_device = io_binding and self.provider != CPU
+        self.on_device = bind_device is not None or (io_binding and self.provider != CPU)
         if io_binding and not self.on_device:
             log_event(logger, logging.INFO, "generate_io_binding_off", provider=self.provider,
                       reason="cpu provider: the cache stays in host memory (as OrtValues)")
-        self._device = "cuda"
+        self._device = bind_device or "cuda"
         self._outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
         self._cache_in = [i.name for i in self.sessions["decoder_step"].get_inputs() if i.name.startswith("past_")]
 

@@ -186,3 +186,15 @@ def test_an_engine_failure_becomes_error_results(trained, generator: Generator, 
     assert [r.error.code if r.error else None for r in out] == [Reason.INFERENCE_FAILED.value] * 3 + [
         Reason.NO_MODALITY.value]
     assert "device lost" not in out[0].error.message, "engine messages may quote inputs: the kind only"
+
+
+def test_io_binding_path_gives_the_same_tokens(trained, generator: Generator, held_out) -> None:
+    """The GPU path's I/O binding code, run with CPU OrtValues (no GPU here)."""
+    from pipeline.config import EngineConfig
+    from pipeline.generate import OrtBackend, generation_variant
+
+    pkg = trained[1]
+    files = {g: pkg.path(f) for g, f in generation_variant(pkg, "fp32")["graphs"].items()}
+    bound = Generator(pkg, backend=OrtBackend(files, EngineConfig(device="cpu"), bind_device="cpu"))
+    records = [s.record for s in held_out[:6]]
+    assert [r.token_ids for r in bound.generate(records)] == [r.token_ids for r in generator.generate(records)]
