@@ -153,3 +153,14 @@ def test_generate_config_section_and_env_overrides() -> None:
     assert GenerateConfig().use_cache and GenerateConfig().io_binding
     with pytest.raises(ValueError):
         GenerateConfig(top_p=0)
+
+
+def test_the_generator_imports_no_torch_and_no_tooling() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.generate; bad = [m for m in sys.modules if m == 'torch' or m.startswith("
+            "('transformers', 'exporters', 'pipeline.train', 'pipeline.sample_data', 'pipeline.model'))]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
