@@ -43,13 +43,13 @@ sys.path.insert(0, str(ROOT))
 
 from exporters.generative import export_generative  # noqa: E402
 from exporters.package import build_package  # noqa: E402
-from pipeline import sample_data  # noqa: E402
 from pipeline.config import EngineConfig  # noqa: E402
 from pipeline.generate import OrtBackend, decode, generation_variant  # noqa: E402
 from pipeline.package import ModelPackage  # noqa: E402
 from pipeline.preprocess import Preprocessor  # noqa: E402
 from pipeline.spec import load_workload  # noqa: E402
-from pipeline.train import train  # noqa: E402
+from pipeline.tooling import sample_data  # noqa: E402
+from pipeline.tooling.train import train  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 ENGINES = ("ort", "ort-nocache", "eager", "eager-nocache")
@@ -95,8 +95,8 @@ def run_once(backend, feeds: dict, prompts: list[list[int]], n_prefix: int, new:
 def bench(pkg: ModelPackage, batches: list[int], lengths: list[int], rounds: int, threads: int) -> list[dict]:
     import torch
 
-    from pipeline.engines.torch_engine import load_model
-    from pipeline.model.generative import TorchBackend
+    from pipeline.tooling.model.generative import TorchBackend
+    from pipeline.tooling.torch_engine import load_model
 
     torch.set_num_threads(threads)
     info = generation_variant(pkg, "fp32")

@@ -1,7 +1,7 @@
 """A package's generative head -> ONNX graphs with a key/value cache.
 
 Three graphs per variant, each exported from the PyTorch module of the same
-name in ``pipeline.model.generative``:
+name in ``pipeline.tooling.model.generative``:
 
 * ``encoder``: the fusion inputs -> ``prefix_embeds`` [batch, prefix, embd];
 * ``decoder_init``: prefix + prompt -> ``logits`` [batch, vocab] of the
@@ -63,7 +63,7 @@ def _graph_specs(model) -> dict[str, tuple[list[dict], list[dict]]]:
     present = ["batch", g.n_head, "total", g.n_embd // g.n_head]
     sig_in = [{"name": n, "shape": (["batch", "sequence"] if n in ("input_ids", "attention_mask") else ["batch"])}
               for n in model.input_names]
-    from pipeline.model.generative import cache_names
+    from pipeline.tooling.model.generative import cache_names
 
     presents = [{"name": n, "shape": present} for n in cache_names(g.n_layer, "present")]
     logits = {"name": "logits", "shape": ["batch", g.vocab_size]}
@@ -83,7 +83,7 @@ def _examples(model, feeds: dict[str, np.ndarray]) -> dict[str, dict[str, np.nda
     """Example inputs for tracing each graph (batch 2, non-trivial lengths)."""
     import torch
 
-    from pipeline.model.generative import DecoderInitGraph, EncoderGraph
+    from pipeline.tooling.model.generative import DecoderInitGraph, EncoderGraph
 
     g = model.cfg.generative
     with torch.inference_mode():
@@ -97,7 +97,7 @@ def _examples(model, feeds: dict[str, np.ndarray]) -> dict[str, dict[str, np.nda
     step = {"input_ids": np.full((2, 1), g.bos_id, dtype=np.int64),
             "attention_mask": np.ones((2, p + t + 1), dtype=np.int64),
             "position_ids": np.full((2, 1), p + t, dtype=np.int64)}
-    from pipeline.model.generative import cache_names
+    from pipeline.tooling.model.generative import cache_names
 
     step.update({n: o.numpy() for n, o in zip(cache_names(g.n_layer, "past"), out[1:], strict=True)})
     return {"encoder": feeds, "decoder_init": init, "decoder_step": step}
@@ -119,7 +119,7 @@ def _to_int8(src: Path, dst: Path) -> None:
 def build_graphs(model, feeds: dict[str, np.ndarray], work: Path, variants: tuple[str, ...]
                  ) -> dict[str, dict[str, Path]]:
     """Export, optimise and derive every variant's three graphs under ``work``."""
-    from pipeline.model.generative import DecoderInitGraph, DecoderStepGraph, EncoderGraph
+    from pipeline.tooling.model.generative import DecoderInitGraph, DecoderStepGraph, EncoderGraph
 
     modules = {"encoder": EncoderGraph(model), "decoder_init": DecoderInitGraph(model),
                "decoder_step": DecoderStepGraph(model)}
@@ -202,7 +202,7 @@ def _sample_cases(pkg: ModelPackage, pre: Preprocessor, tok: DecoderTokenizer, r
                   ) -> list[tuple[dict[str, np.ndarray], list[list[int]]]]:
     """Sample records with their conversations (the sample data's dialogues
     for built-in workloads, a record's own ``messages`` otherwise)."""
-    from pipeline import sample_data
+    from pipeline.tooling import sample_data
 
     pairs: list[tuple[Prepared, list[int]]] = []
     if records is None and pkg.spec.name in sample_data.WORKLOADS:
@@ -228,7 +228,7 @@ def _sample_cases(pkg: ModelPackage, pre: Preprocessor, tok: DecoderTokenizer, r
 def check_parity(pkg: ModelPackage, model, files: dict[str, Path], precision: str, tok: DecoderTokenizer,
                  random_cases: list, sample_cases: list) -> dict[str, Any]:
     """Greedy tokens of the ONNX graphs against PyTorch's."""
-    from pipeline.model.generative import TorchBackend
+    from pipeline.tooling.model.generative import TorchBackend
 
     g = model.cfg.generative
     ref_backend = TorchBackend(model)
@@ -271,7 +271,7 @@ def export_generative(package_dir: str | Path, variants: tuple[str, ...] = ("fp3
     if not has_generative(pkg):
         raise ExportError(f"package {pkg.name} has no generative head (train with --generative)")
     if model is None:
-        from pipeline.engines.torch_engine import load_model
+        from pipeline.tooling.torch_engine import load_model
 
         model = load_model(pkg.path("model/model.safetensors").parent)
     g = model.cfg.generative

@@ -19,7 +19,7 @@ How a call runs:
 
 Ragged prompts are padded *between* the prefix and the prompt, so every
 sequence's last prompt token sits in the last column; the attention mask
-hides pads and position ids skip them (see ``pipeline.model.decoder``).
+hides pads and position ids skip them (see ``pipeline.tooling.model.decoder``).
 
 On CUDA / TensorRT the cache stays on the device between steps through ONNX
 Runtime I/O binding; only the next-token logits come back to the host.

@@ -8,12 +8,14 @@ one record and raises :class:`RecordError`; ``collate`` never fails.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.columnar import BatchBuilder, ColumnarBatch
 from pipeline.config import Limits, MediaConfig
 from pipeline.decode import decode_audio, decode_image, decode_video
 from pipeline.errors import Reason, RecordError
@@ -69,6 +71,9 @@ class Preprocessor:
                 if feat not in FEATURES:
                     raise ValueError(f"model input {t.name!r} takes an unknown feature {feat!r}; "
                                      f"known: {sorted(FEATURES)}")
+        # limits.extra_modalities: ignore -- called with each modality dropped
+        # from a record (the Predictor counts them in a metric).
+        self.on_extra_modality: Callable[[str], None] = _uncounted
 
     @classmethod
     def for_package(cls, package: ModelPackage, limits: Limits | None = None,
@@ -96,18 +101,62 @@ class Preprocessor:
     def prepare(self, raw: bytes | str | dict[str, Any] | Record) -> Prepared:
         """Parse, check limits, decode each modality.  Raises RecordError."""
         t0 = time.perf_counter()
+        rec = self._parse_checked(raw)
+        return self._featurize(rec, self._encode([rec])[0], t0)
+
+    def prepare_many(
+        self, raws: Sequence[bytes | str | dict[str, Any] | Record], pool: Executor | None = None,
+    ) -> list[Prepared | Exception]:
+        """:meth:`prepare` for many records at once, each its Prepared or the
+        exception it raised: texts are tokenized in one ``encode_batch`` call
+        and media decoded on ``pool`` (Pillow, libsndfile and PyAV release
+        the GIL while they decode), so one batch keeps every core busy."""
+        t0 = time.perf_counter()
+        parsed: list[Record | Exception] = []
+        for raw in raws:
+            try:
+                parsed.append(self._parse_checked(raw))
+            except Exception as exc:  # RecordError, or a bug the caller reports
+                parsed.append(exc)
+        good = [r for r in parsed if isinstance(r, Record)]
+        encoded = iter(self._encode(good))
+        share = (time.perf_counter() - t0) / max(len(parsed), 1)
+        jobs = [(r, next(encoded)) if isinstance(r, Record) else r for r in parsed]
+
+        def one(job: tuple[Record, Encoded | None] | Exception) -> Prepared | Exception:
+            if isinstance(job, Exception):
+                return job
+            try:
+                return self._featurize(job[0], job[1], time.perf_counter() - share)
+            except Exception as exc:
+                return exc
+
+        if pool is None or len(jobs) < 4:
+            return [one(j) for j in jobs]
+        return list(pool.map(one, jobs))
+
+    def _parse_checked(self, raw: bytes | str | dict[str, Any] | Record) -> Record:
         rec = self.parse(raw)
-        self._check_modalities(rec)
+        return self._check_modalities(rec)
+
+    def _encode(self, recs: Sequence[Record]) -> list[Encoded | None]:
+        """Token ids of each record's text (an empty text's when it has
+        none), in one batched tokenizer call."""
+        if self.prep.text is None or not recs:
+            return [None] * len(recs)
+        assert self.text is not None
+        return self.text.encode_batch([r.text if r.text and r.text.strip() else "" for r in recs])
+
+    def _featurize(self, rec: Record, enc: Encoded | None, t0: float) -> Prepared:
+        """Every modality of a parsed record; raises RecordError."""
         feats: dict[str, np.ndarray] = {}
         present: dict[str, bool] = {}
         offsets: list[tuple[int, int]] = []
         if self.prep.text is not None:
-            assert self.text is not None
-            has_text = bool(rec.text and rec.text.strip())
-            enc: Encoded = self.text.encode(rec.text) if has_text else self.text.empty()
+            assert enc is not None
             feats["input_ids"] = enc.ids
             offsets = [(0, 0) if s else o for o, s in zip(enc.offsets, enc.special, strict=True)]
-            present["text"] = has_text
+            present["text"] = bool(rec.text and rec.text.strip())
         if self.prep.image is not None:
             if rec.image not in (None, "", b""):
                 data = resolve_media(rec.image, "image", self.limits, self.media)
@@ -153,48 +202,82 @@ class Preprocessor:
             preprocess_ms=(time.perf_counter() - t0) * 1000.0,
         )
 
-    def _check_modalities(self, rec: Record) -> None:
+    def _check_modalities(self, rec: Record) -> Record:
+        """The record, or without the fields of modalities the model does not
+        take when ``limits.extra_modalities`` is ``ignore``."""
         accepted = set(self.modalities)
         if "image" in accepted and self.spec.accepts_video:
             accepted.add("video")
         extra = [m for m in rec.modalities() if m not in accepted]
         if extra:
-            raise RecordError(
-                Reason.MODALITY_NOT_SUPPORTED,
-                f"workload {self.spec.name} takes {sorted(accepted)}; record has {extra}",
-            )
+            rec = self._extra_modalities(rec, extra, accepted)
         if rec.image not in (None, "", b"") and rec.video not in (None, "", b""):
             raise RecordError(Reason.BAD_RECORD, "give either image or video, not both")
+        return rec
 
-    def collate(self, batch: list[Prepared]) -> dict[str, np.ndarray]:
-        """Stack features into model inputs, zero-filling missing modalities
-        and padding text to the longest sequence in the batch."""
-        n = len(batch)
-        out: dict[str, np.ndarray] = {}
-        prep = self.prep
-        if prep.text is not None:
-            assert self.text is not None
-            seq = max(len(p.features["input_ids"]) for p in batch)
-            ids = np.full((n, seq), self.text.pad_id, dtype=np.int64)
-            mask = np.zeros((n, seq), dtype=np.int64)
-            for i, p in enumerate(batch):
-                t = p.features["input_ids"]
-                ids[i, : len(t)] = t
-                mask[i, : len(t)] = 1
-            out["input_ids"], out["attention_mask"] = ids, mask
+    # -- limits.extra_modalities --------------------------------------------------------------
+    def _extra_modalities(self, rec: Record, extra: list[str], accepted: set[str]) -> Record:
+        """Reject (the default), or drop the fields undecoded and count each."""
+        if self.limits.extra_modalities == "reject":
+            raise RecordError(
+                Reason.MODALITY_NOT_SUPPORTED,
+                f"workload {self.spec.name} takes {sorted(accepted)}; record has {extra} (set "
+                "limits.extra_modalities: ignore to accept such records without those fields)",
+            )
+        for m in extra:
+            self.on_extra_modality(m)
+        return rec.model_copy(update=dict.fromkeys(extra))
+
+    # -- columns ---------------------------------------------------------------------
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        prep, shapes = self.prep, {}
         if prep.image is not None:
-            shape = (prep.image.channels, prep.image.size, prep.image.size)
-            out["pixel_values"] = _stack(batch, "pixel_values", shape)
+            shapes["pixel_values"] = (prep.image.channels, prep.image.size, prep.image.size)
         if prep.audio is not None:
-            out["audio_features"] = _stack(batch, "audio_features", (prep.audio.n_mels, prep.audio.frames))
+            shapes["audio_features"] = (prep.audio.n_mels, prep.audio.frames)
         if prep.tabular is not None:
-            out["tabular"] = _stack(batch, "tabular", (len(prep.tabular.fields),))
-        out["presence"] = np.array(
-            [[1.0 if p.present.get(m) else 0.0 for m in self.modalities] for p in batch], dtype=np.float32
+            shapes["tabular"] = (len(prep.tabular.fields),)
+        return shapes
+
+    @property
+    def fixed_length(self) -> int | None:
+        """Text length every batch is padded to, for a graph that reads
+        token ids but has no attention-mask input: padding it cannot hide
+        would otherwise make a record's answer depend on its neighbours."""
+        from pipeline.package import fixed_length_inputs
+
+        if self.prep.text is None or self.inputs is None or not fixed_length_inputs(self.inputs):
+            return None
+        return self.prep.text.max_length
+
+    def builder(self, capacity: int = 64) -> BatchBuilder:
+        """An empty :class:`BatchBuilder` for this model's columns."""
+        return BatchBuilder(
+            self.spec.name, self.modalities, self._shapes(), text=self.prep.text is not None,
+            pad_id=self.text.pad_id if self.text is not None else 0, fixed_length=self.fixed_length,
+            capacity=capacity, max_length=self.prep.text.max_length if self.prep.text is not None else None,
         )
+
+    def columns(self, prepared: Sequence[Prepared]) -> ColumnarBatch:
+        """Decoded records as one columnar batch (positions 0..n-1)."""
+        b = self.builder(len(prepared))
+        for i, p in enumerate(prepared):
+            b.add(p, i)
+        return b.build()
+
+    def feeds(self, batch: ColumnarBatch) -> dict[str, np.ndarray]:
+        """The graph's input tensors for a batch (names and dtypes of the
+        package signature)."""
+        out = batch.canonical()
         if self.inputs is None:
             return out
         return self._to_graph(out)
+
+    def collate(self, batch: Sequence[Prepared]) -> dict[str, np.ndarray]:
+        """Stack features into model inputs, zero-filling missing modalities
+        and padding text to the longest sequence in the batch (the one rule
+        of :mod:`pipeline.columnar`)."""
+        return self.feeds(self.columns(batch))
 
     def _to_graph(self, canonical: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Rename, cast and select the features for the graph's inputs."""
@@ -212,9 +295,5 @@ class Preprocessor:
         return feeds
 
 
-def _stack(batch: list[Prepared], key: str, shape: tuple[int, ...]) -> np.ndarray:
-    arr = np.zeros((len(batch), *shape), dtype=np.float32)
-    for i, p in enumerate(batch):
-        if key in p.features:
-            arr[i] = p.features[key]
-    return arr
+def _uncounted(modality: str) -> None:
+    """No metric wired (a Preprocessor outside a Predictor)."""

@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The medical workload pseudonymises record ids with a keyed hash and refuses
+# to start without its key; every process the tests start inherits this one.
+os.environ.setdefault("MMPIPE_ID_HASH_KEY", "mmpipe-test-suite-id-hash-key-0123456789")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -24,9 +27,9 @@ def tiny_packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     Good enough to exercise every code path; accuracy is tested separately
     by the end-to-end test that trains fully."""
     from exporters.package import build_package
-    from pipeline import sample_data
     from pipeline.spec import BUILTIN_WORKLOADS, load_workload
-    from pipeline.train import train
+    from pipeline.tooling import sample_data
+    from pipeline.tooling.train import train
 
     root = tmp_path_factory.mktemp("tiny")
     out: dict[str, Path] = {}

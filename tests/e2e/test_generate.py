@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import sample_data
 from pipeline.config import GenerateConfig
 from pipeline.errors import Reason
 from pipeline.generate import GenerationError, Generator, Sampling
 from pipeline.spec import load_workload
+from pipeline.tooling import sample_data
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ MIN_ROUGE_L = 0.93
 def trained(tmp_path_factory: pytest.TempPathFactory):
     from exporters.onnx_export import export_package
     from exporters.package import build_package
-    from pipeline.train import train
+    from pipeline.tooling.train import train
 
     root = tmp_path_factory.mktemp("gen")
     spec = load_workload(WORKLOAD)
@@ -68,8 +68,8 @@ def test_export_parity_identical_greedy_tokens(trained, generator: Generator, he
     assert parity["int8"]["sample"]["token_agreement"] >= 0.99
     assert {"generate-fp32", "generate-int8"} <= set(pkg.manifest.variants)
 
-    from pipeline.engines.torch_engine import load_model
-    from pipeline.model.generative import TorchBackend
+    from pipeline.tooling.model.generative import TorchBackend
+    from pipeline.tooling.torch_engine import load_model
 
     ref = Generator(pkg, backend=TorchBackend(load_model(pkg.path("model/model.safetensors").parent)))
     records = [s.record for s in held_out]

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import sample_data
 from pipeline.config import GenerateConfig, load_settings
 from pipeline.errors import RecordError
 from pipeline.generate import Sampling, choose, decode, prompt_ids
-from pipeline.model.config import FusionConfig, GenerativeHeadConfig
-from pipeline.model.decoder import CausalDecoder, positions
 from pipeline.spec import load_workload
 from pipeline.tokenizer import DecoderTokenizer
-from pipeline.train import exact_match, rouge_l
+from pipeline.tooling import sample_data
+from pipeline.tooling.model.config import FusionConfig, GenerativeHeadConfig
+from pipeline.tooling.model.decoder import CausalDecoder, positions
+from pipeline.tooling.train import exact_match, rouge_l
 
 
 def _decoder(seed: int = 0) -> CausalDecoder:
@@ -160,7 +160,7 @@ def test_the_generator_imports_no_torch_and_no_tooling() -> None:
     import sys
 
     code = ("import sys, pipeline.generate; bad = [m for m in sys.modules if m == 'torch' or m.startswith("
-            "('transformers', 'exporters', 'pipeline.train', 'pipeline.sample_data', 'pipeline.model'))]; "
+            "('transformers', 'exporters', 'pipeline.tooling'))]; "
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

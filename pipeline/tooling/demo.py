@@ -13,11 +13,13 @@ import datetime as dt
 import hashlib
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pipeline
+from pipeline.log import ID_KEY_ENV, id_hash_key
 from pipeline.spec import BUILTIN_WORKLOADS, WorkloadSpec, load_workload
 
 TRAIN_RECORDS = 1200
@@ -47,8 +49,8 @@ def cached_package(spec: WorkloadSpec, retrain: bool = False) -> tuple[Path, dic
     cache when the code has not changed since it was built."""
     from exporters.onnx_export import export_package
     from exporters.package import build_package
-    from pipeline import sample_data
-    from pipeline.train import train
+    from pipeline.tooling import sample_data
+    from pipeline.tooling.train import train
 
     target = cache_root() / "models" / f"{spec.name}-{_code_digest()}"
     if (target / "package" / "manifest.json").is_file() and not retrain:
@@ -76,8 +78,8 @@ def prepare_workload(name: str, out: Path, records: int, retrain: bool) -> dict[
     """The package (cached model, copied into ``out``) and the sample input
     (generated records plus records broken on purpose, as JSONL) of one
     workload, with the ground truth for scoring the tags."""
-    from pipeline import sample_data
     from pipeline.records import jsonl_line
+    from pipeline.tooling import sample_data
 
     spec = load_workload(name)
     cached, report = cached_package(spec, retrain)
@@ -101,7 +103,7 @@ def tagged_f1(spec: WorkloadSpec, tags: Path, run_date: str, labels: dict[str, A
     from the Parquet output (what a downstream consumer would see)."""
     from pipeline.batch.output import read_results
     from pipeline.records import Result
-    from pipeline.train import score_results
+    from pipeline.tooling.train import score_results
 
     table = read_results(tags)
     rows = [r for r in table.to_pylist() if r["workload"] == spec.name and r["run_date"] == run_date]
@@ -119,6 +121,11 @@ def run_demo(
     from pipeline.config import BatchConfig, EngineConfig, Settings
 
     out.mkdir(parents=True, exist_ok=True)
+    if id_hash_key() is None:
+        # The demo's medical records are made up, but the workload still
+        # pseudonymises ids in logs: a key for this run only, never stored.
+        os.environ[ID_KEY_ENV] = secrets.token_hex(32)
+        print(f"record ids in logs are pseudonymised with a one-run key (set {ID_KEY_ENV} to keep one)", flush=True)
     print(f"preparing models (cached in {cache_root() / 'models'}) and sample data ...", flush=True)
     inputs = {w: prepare_workload(w, out, records, retrain) for w in workloads}
     settings = Settings(

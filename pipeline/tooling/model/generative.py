@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.model.fusion import FusionModel
+from pipeline.tooling.model.fusion import FusionModel
 
 
 def cache_names(n_layer: int, kind: str) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.model.config import FusionConfig, ImageTowerConfig, TextTowerConfig, signature
+from pipeline.tooling.model.config import FusionConfig, ImageTowerConfig, TextTowerConfig, signature
 
 
 def _minilm_dir() -> Path:
@@ -205,7 +205,7 @@ class FusionModel(nn.Module):
             in_dim = 2 * d if h.type == "token" else d
             self.heads[h.name] = nn.Linear(in_dim, h.num_labels)
         if cfg.generative is not None:  # built last: a tagging-only model initialises as before
-            from pipeline.model.decoder import CausalDecoder
+            from pipeline.tooling.model.decoder import CausalDecoder
 
             self.prefix_proj = nn.Linear(d, cfg.generative.n_embd)
             self.decoder = CausalDecoder(cfg.generative)

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from pipeline.model.config import GenerativeHeadConfig
+from pipeline.tooling.model.config import GenerativeHeadConfig
 
 #: added to the scores of keys a query may not see; finite so that fp16
 #: graphs stay finite too (exp(-1e4) is 0 in every precision)

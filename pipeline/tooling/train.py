@@ -190,7 +190,7 @@ def evaluate_generation(model, pre: Preprocessor, examples: list[Example], tok, 
     match and ROUGE-L of the drafts (no conversation) and of the follow-ups
     (every other conversation)."""
     from pipeline.generate import decode
-    from pipeline.model.generative import TorchBackend
+    from pipeline.tooling.model.generative import TorchBackend
 
     backend = TorchBackend(model)
     n_prefix = model.cfg.prefix_tokens
@@ -223,7 +223,7 @@ def evaluate_generation(model, pre: Preprocessor, examples: list[Example], tok, 
 def _conversations(spec: WorkloadSpec, sample) -> list[tuple[list[dict[str, str]], str]]:
     """(messages, answer) pairs to learn from: the plain draft first, then,
     for the built-in workloads, the sample data's dialogues about it."""
-    from pipeline import sample_data
+    from pipeline.tooling import sample_data
 
     convs = [([], sample.target)]
     if spec.name in sample_data.WORKLOADS:
@@ -333,7 +333,7 @@ def _generation_loss(model, prefix, ids, mask, labels):
     import torch
     import torch.nn.functional as F
 
-    from pipeline.model.decoder import positions
+    from pipeline.tooling.model.decoder import positions
 
     n_prefix = prefix.shape[1]
     full_mask = torch.cat([torch.ones(mask.shape[0], n_prefix, dtype=mask.dtype), mask], dim=1)
@@ -415,8 +415,8 @@ def train(
     import torch
     from safetensors.torch import save_file
 
-    from pipeline.model.config import FusionConfig
-    from pipeline.model.fusion import FusionModel, resolve_text_source
+    from pipeline.tooling.model.config import FusionConfig
+    from pipeline.tooling.model.fusion import FusionModel, resolve_text_source
 
     t_start = time.perf_counter()
     torch.manual_seed(seed)
