@@ -268,6 +268,28 @@ def predictor_section(data: dict) -> str:
     return "\n".join([*lines, "", "![predictor](results/predictor.png)", ""])
 
 
+def generate_section(data: dict) -> str:
+    m, model = data["machine"], data["model"]
+    lines = [
+        "## Generation: ONNX Runtime vs PyTorch eager, KV cache vs recomputing (CPU)",
+        "",
+        f"`python bench/generate.py` on {m['cpus']} CPU cores ({m['processor']}, {', '.join(m['cpu_flags'][:4])}"
+        f"{'...' if len(m['cpu_flags']) > 4 else ''}); {model['workload']} model with a generative head "
+        f"{model['n_embd']} wide, {model['n_layer']} layers.",
+        "",
+        "| aim | value | target | met |",
+        "|---|---:|---:|---|",
+        *(f"| {a['name']} | {a['value']} | {a['target']} | {'yes' if a['met'] else 'no'} |" for a in data["aims"]),
+        "",
+        "| engine | batch | new tokens | tokens/s | first token ms |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {r['engine']} | {r['batch']} | {r['new_tokens']} | {r['tokens_per_s']:.0f} | "
+          f"{r['first_token_ms']:.1f} |" for r in data["rows"]),
+        "", "![generate](results/generate.png)", "",
+    ]
+    return "\n".join(lines)
+
+
 def load(name: str) -> dict | None:
     p = RESULTS / name
     return json.loads(p.read_text()) if p.is_file() else None
@@ -278,7 +300,7 @@ def main() -> int:
     sections = [("predictor.json", predictor_section),
                 ("engines.json", engines_section), ("gpu.json", gpu_section), ("serving.json", serving_section),
                 ("batch.json", batch_section), ("stream.json", stream_section), ("parity.json", parity_section),
-                ("faults.json", faults_section)]
+                ("faults.json", faults_section), ("generate.json", generate_section)]
     for name, section in sections:
         data = load(name)
         if data or section is gpu_section:  # the GPU section says when no GPU run exists

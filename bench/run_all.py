@@ -14,6 +14,7 @@ The steps, in order (each one a script that also runs on its own):
     stream    bench/stream.py       the Kafka stream vs the bare Predictor, latency at a steady rate
     parity    bench/parity.py       the cross-path parity matrix (every path, same records)
     faults    bench/faults.py       the fault suite: sent / results / errors / duplicates / losses
+    generate  bench/generate.py     generation: ORT vs eager, KV cache vs recomputing, tokens/s
 
 A step that fails is reported and the others still run (a broken Triton
 must not cost the parity matrix); the exit code is 1 when any step failed.
@@ -41,6 +42,7 @@ STEPS: dict[str, list[str]] = {
     "stream": ["bench/stream.py"],
     "parity": ["-m", "bench.parity"],
     "faults": ["-m", "bench.faults"],
+    "generate": ["bench/generate.py"],
 }
 
 

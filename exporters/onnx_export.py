@@ -522,4 +522,9 @@ def export_package(
         _install(pkg, built, report, static_int8)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    from exporters.generative import export_generative, has_generative
+
+    if has_generative(pkg):  # its own graphs (KV cache) and token parity
+        pkg, report["generation"] = export_generative(pkg.root, variants, sample_records=sample_records,
+                                                      model=model)
     return load_package(pkg.root), report

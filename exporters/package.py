@@ -17,6 +17,7 @@ from pipeline.spec import WorkloadSpec
 from pipeline.tooling.model.config import FusionConfig, signature
 
 TORCH_FILES = ("model/config.json", "model/model.safetensors")
+GENERATIVE_TOKENIZER = "model/decoder_tokenizer.json"
 
 
 def build_package(
@@ -47,6 +48,8 @@ def build_package(
                 raise PackageError(f"{src} has text preprocessing but no tokenizer/tokenizer.json")
             shutil.copytree(src / "tokenizer", tmp / "tokenizer")
             files.append("tokenizer/tokenizer.json")
+        if (src / GENERATIVE_TOKENIZER).is_file():  # a generative head's vocabulary
+            files.append(GENERATIVE_TOKENIZER)
         training = json.loads((src / "training.json").read_text()) if (src / "training.json").is_file() else {}
         manifest = Manifest(
             name=name or f"{spec.name}-fusion",

@@ -202,6 +202,30 @@ class StreamConfig(_Strict):
     ssl_check_hostname: bool = True
 
 
+class GenerateConfig(_Strict):
+    """Generative heads (``pipeline.generate``): limits and decoding defaults.
+
+    The limits are checked before any model work: a prompt (conversation
+    history + question, in decoder tokens) over ``max_prompt_tokens`` is an
+    error result with reason ``prompt_too_long``; asking for more than
+    ``max_new_tokens`` is refused for the whole call.  Each is also capped
+    by what the model was trained for (its position budget)."""
+
+    max_prompt_tokens: int = Field(256, gt=0, description="prompt tokens a record may bring")
+    max_new_tokens: int = Field(64, gt=0, description="the most new tokens a call may ask for")
+    default_new_tokens: int | None = Field(None, gt=0, description="when a call names none (default: the "
+                                           "head's trained answer length)")
+    batch_size: int = Field(16, gt=0, description="sequences decoded together")
+    variant: Literal["auto", "fp32", "fp16", "int8"] = Field("auto", description="auto: fp16 on GPU, else fp32")
+    use_cache: bool = Field(True, description="reuse past keys/values (off: recompute the whole sequence)")
+    io_binding: bool = Field(True, description="GPU providers: keep the cache on the device between steps")
+    do_sample: bool = Field(False, description="sample instead of greedy decoding")
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0: no top-k cut")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, description="sampling seed: same seed, same records, same text")
+
+
 class Settings(_Strict):
     model_package: Path | None = None
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -211,6 +235,7 @@ class Settings(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 

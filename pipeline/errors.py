@@ -51,6 +51,8 @@ class Reason(StrEnum):
     VIDEO_NO_FRAMES = "video_no_frames"
     # tabular
     TABULAR_INVALID = "tabular_invalid"
+    # generation
+    PROMPT_TOO_LONG = "prompt_too_long"
     # engine
     INFERENCE_FAILED = "inference_failed"
 

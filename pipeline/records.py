@@ -31,8 +31,21 @@ _MEDIA_LIMIT = {
 }
 
 
+class Message(BaseModel):
+    """One turn of a conversation about a record (text only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["user", "assistant"]
+    content: str = Field(min_length=1)
+
+
 class Record(BaseModel):
-    """An input record.  At least one modality must be present."""
+    """An input record.  At least one modality must be present.
+
+    ``messages``: an optional conversation for a generative head, oldest
+    first, ending with the user's question; earlier turns are the context a
+    follow-up is answered in.  Heads that tag ignore it."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -44,6 +57,7 @@ class Record(BaseModel):
     video: bytes | str | None = None
     tabular: dict[str, float] | None = None
     metadata: dict[str, Any] | None = None
+    messages: list[Message] | None = Field(None, max_length=256)
 
     @field_validator("tabular")
     @classmethod
@@ -140,6 +154,10 @@ def parse_record(raw: bytes | str | dict[str, Any] | Record, limits: Limits) -> 
     if rec.text is not None and len(rec.text) > limits.max_text_chars:
         raise RecordError(
             Reason.TEXT_TOO_LONG, f"text has {len(rec.text)} characters; limit is {limits.max_text_chars}"
+        )
+    if rec.messages and sum(len(m.content) for m in rec.messages) > limits.max_text_chars:
+        raise RecordError(
+            Reason.TEXT_TOO_LONG, f"messages hold more than {limits.max_text_chars} characters in all"
         )
     if rec.tabular is not None and len(rec.tabular) > limits.max_tabular_fields:
         raise RecordError(

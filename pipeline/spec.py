@@ -115,6 +115,22 @@ class Privacy(_Strict):
     hash_ids: bool = False
 
 
+class GenerationSpec(_Strict):
+    """A workload's generative head: what it writes and how long it may get.
+
+    ``target`` names the text the built-in sample data teaches it (medical
+    ``impression``, retail ``title``, media ``caption``); a custom workload
+    brings its own targets in its labels file.  The lengths are the head's
+    training budget; serving limits are the ``generate`` config section,
+    which may only be tighter.  Generated text is record content: it is never
+    logged, whatever the workload."""
+
+    head: str = Field("draft", pattern=r"^[a-z][a-z0-9_]{0,30}$")
+    target: str = Field("text", min_length=1, max_length=64)
+    max_prompt_tokens: int = Field(64, ge=1, le=2048, description="history + question, in decoder tokens")
+    max_new_tokens: int = Field(24, ge=1, le=2048, description="answer tokens trained for")
+
+
 class WorkloadSpec(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")
     description: str = ""
@@ -125,6 +141,8 @@ class WorkloadSpec(_Strict):
     accepts_video: bool = Field(False, description="video field is decoded into keyframes")
     accepts_dicom: bool = Field(False, description="image field may be DICOM")
     model: dict = Field(default_factory=dict, description="default model settings for training")
+    generation: GenerationSpec | None = Field(
+        None, description="a generative head can be trained for this workload (mmpipe train --generative)")
 
     @model_validator(mode="after")
     def _check(self) -> WorkloadSpec:
@@ -137,6 +155,8 @@ class WorkloadSpec(_Strict):
             raise ValueError("video input needs image preprocessing")
         if not self.preprocessing.modalities():
             raise ValueError("a workload needs at least one modality")
+        if self.generation is not None and self.generation.head in names:
+            raise ValueError(f"generation head {self.generation.head!r} clashes with a tagging head's name")
         return self
 
     @property

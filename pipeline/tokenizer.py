@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -117,3 +117,45 @@ class TextEncoder:
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.tok.save(str(directory / TOKENIZER_FILE))
+
+
+class DecoderTokenizer:
+    """Text <-> token ids for a generative head.
+
+    No special tokens are added on encode: the prompt layout (``[CLS]`` to
+    open, ``[SEP]`` after every turn and the answer) is the generator's
+    business.  Decoding joins word pieces back into words."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tok = tokenizer
+        self.tok.no_padding()
+        self.tok.no_truncation()
+        if self.tok.decoder is None:
+            self.tok.decoder = decoders.WordPiece()
+        ids = [self.tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")]
+        if any(i is None for i in ids):
+            raise ValueError("a decoder tokenizer needs the [CLS], [SEP] and [PAD] tokens")
+        self.bos_id, self.eos_id, self.pad_id = (int(i) for i in ids)
+
+    @classmethod
+    def train(cls, corpus: Iterable[str], vocab_size: int = 1000) -> DecoderTokenizer:
+        """A small lowercase WordPiece vocabulary over the corpus (deterministic)."""
+        return cls(train_wordpiece(corpus, vocab_size=vocab_size, lowercase=True))
+
+    @classmethod
+    def load(cls, path: Path) -> DecoderTokenizer:
+        return cls(Tokenizer.from_file(str(path)))
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tok.save(str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tok.get_vocab_size())
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tok.decode(list(ids), skip_special_tokens=True))

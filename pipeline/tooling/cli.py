@@ -68,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         samples = sample_data.generate(spec.name, args.records, seed=args.seed)
     report = train(
         spec, samples, Path(args.out), fusion=args.fusion, text_source=args.text_source,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, generative=args.generative,
     )
     print(f"trained {spec.name} ({report.fusion}) on {report.train_records} records, "
           f"{report.epochs} epochs, {report.seconds:.0f}s")
@@ -76,9 +76,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     for head, f1 in report.f1.items():
         miss = report.f1_missing_modality.get(head)
         print(f"  {head:<14} {f1:.3f}   (one modality removed: {miss:.3f})")
+    if report.generation:
+        g = report.generation
+        print(f"held-out generation ({spec.generation.head if spec.generation else 'text'}): "
+              f"exact match {g['exact_match']:.3f}, ROUGE-L {g['rouge_l']:.3f}; follow-up questions: "
+              f"exact match {g.get('dialogue_exact_match', 0.0):.3f}, ROUGE-L {g.get('dialogue_rouge_l', 0.0):.3f}")
     print(f"saved to {args.out}; next: mmpipe package --trained {args.out} --out PACKAGE_DIR")
     if args.min_f1 is not None and report.macro_f1 < args.min_f1:
         print(f"error: macro-F1 {report.macro_f1:.3f} is below --min-f1 {args.min_f1}", file=sys.stderr)
+        return 3
+    em = report.generation.get("exact_match")
+    if args.min_exact_match is not None and (em is None or em < args.min_exact_match):
+        print(f"error: generation exact match {em} is below --min-exact-match {args.min_exact_match}",
+              file=sys.stderr)
         return 3
     return 0
 
@@ -254,6 +264,7 @@ run `mmpipe COMMAND --help` for each command's options.""",
         epilog="""\
 examples:
   mmpipe train --workload retail --out models/retail
+  mmpipe train --workload medical --generative --out models/medical-gen
   mmpipe train --workload medical --fusion cross_attention --text-source minilm --out models/med
   mmpipe train --workload my_workload.yaml --data recs.jsonl --labels labels.jsonl --out models/mine""",
     )
@@ -273,6 +284,11 @@ examples:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--min-f1", type=float, default=None,
                    help="exit with code 3 if the lowest per-head macro-F1 is below this")
+    t.add_argument("--generative", action="store_true",
+                   help="also train the workload's generative head (its 'generation' section): a small "
+                   "GPT-2-style decoder that writes the target text and answers follow-up questions")
+    t.add_argument("--min-exact-match", type=float, default=None,
+                   help="with --generative: exit with code 3 if held-out exact match is below this")
     t.set_defaults(func=cmd_train)
 
     k = sub.add_parser(

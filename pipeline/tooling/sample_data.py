@@ -37,7 +37,7 @@ import re
 import struct
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -195,12 +195,14 @@ class Sample:
     name to a sorted label list (multilabel) or one label (multiclass);
     ``spans`` are character spans ``(start, end, TYPE)`` of the token head's
     entities in ``record["text"]`` (empty when there is no text or no token
-    head).
+    head).  ``target`` is the text a generative head learns to write (see
+    :func:`target_text`), or None for data that has none.
     """
 
     record: dict
     labels: dict[str, list[str] | str]
     spans: list[tuple[int, int, str]]
+    target: str | None = None
 
 
 def generate(workload: str, n: int, seed: int = 0, *, missing_rate: float = 0.15) -> list[Sample]:
@@ -221,7 +223,10 @@ def generate(workload: str, n: int, seed: int = 0, *, missing_rate: float = 0.15
     if not 0.0 <= missing_rate <= 1.0:
         raise ValueError("missing_rate must be within [0, 1]")
     make = _GENERATORS[workload]
-    return [make(_rng(workload, seed, i), f"{workload}-{seed}-{i:05d}", missing_rate) for i in range(n)]
+    out = [make(_rng(workload, seed, i), f"{workload}-{seed}-{i:05d}", missing_rate) for i in range(n)]
+    # The target is a function of the labels alone (no random draw), so
+    # adding it left every record's bytes as they were.
+    return [replace(s, target=target_text(workload, s.labels)) for s in out]
 
 
 def broken_records(workload: str, seed: int = 0) -> list[tuple[dict | bytes, str]]:
@@ -283,18 +288,22 @@ def write_jsonl(samples: list[Sample], records_path: Path, labels_path: Path | N
         with Path(labels_path).open("w", encoding="utf-8") as fh:
             for s in samples:
                 row = {"id": s.record["id"], "labels": s.labels, "spans": [list(sp) for sp in s.spans]}
+                if s.target is not None:
+                    row["target"] = s.target
                 fh.write(json.dumps(row, separators=(",", ":")) + "\n")
 
 
 def read_labels(labels_path: Path) -> dict[str, dict]:
-    """``id -> {"labels": ..., "spans": [(start, end, TYPE), ...]}`` from a labels file."""
+    """``id -> {"labels": ..., "spans": [(start, end, TYPE), ...], "target": text or None}``
+    from a labels file."""
     out: dict[str, dict] = {}
     with Path(labels_path).open(encoding="utf-8") as fh:
         for line in fh:
             if not line.strip():
                 continue
             row = json.loads(line)
-            out[row["id"]] = {"labels": row["labels"], "spans": [tuple(sp) for sp in row.get("spans", [])]}
+            out[row["id"]] = {"labels": row["labels"], "spans": [tuple(sp) for sp in row.get("spans", [])],
+                              "target": row.get("target")}
     return out
 
 
@@ -329,7 +338,7 @@ def read_samples(records_path: Path, labels_path: Path | None = None) -> list[Sa
                     with contextlib.suppress(ValueError):
                         row[key] = base64.b64decode(value, validate=True)
             truth = labels[row["id"]]
-            out.append(Sample(record=row, labels=truth["labels"], spans=truth["spans"]))
+            out.append(Sample(record=row, labels=truth["labels"], spans=truth["spans"], target=truth["target"]))
     return out
 
 
@@ -1334,3 +1343,95 @@ def _make_media(rng: np.random.Generator, rid: str, missing_rate: float) -> Samp
 _GENERATORS: dict[str, Callable[[np.random.Generator, str, float], Sample]] = {
     "medical": _make_medical, "retail": _make_retail, "media": _make_media,
 }
+
+
+# --------------------------------------------------------------------------- #
+# Generation targets: what a generative head learns to write
+# --------------------------------------------------------------------------- #
+#
+# A target is a pure function of a sample's labels, which every modality
+# already carries (pixels, words, tones), so a small decoder conditioned on
+# the fused representation can learn it exactly.  ``facts`` are its parts in
+# a fixed order; the dialogues below ask for some of them first and the rest
+# in a follow-up, so the answer to "anything else?" depends on what the
+# earlier turns already said.
+
+_MEDICAL_PHRASES = {"nodule": "pulmonary nodule", "effusion": "pleural effusion", "fracture": "rib fracture",
+                    "cardiomegaly": "cardiomegaly"}
+_RETAIL_PHRASES = {"apparel": "clothing", "electronics": "electronics device", "grocery": "grocery item",
+                   "furniture": "furniture piece", "toys": "toy"}
+_NOTHING = {"medical": "no acute findings.", "retail": "no details.", "media": "nothing to report."}
+#: workload -> (question for the first fact, question for all facts); the follow-up is FOLLOW_UP.
+QUESTIONS: dict[str, tuple[str, str]] = {
+    "medical": ("what is the main finding?", "what are the findings?"),
+    "retail": ("what kind of product is it?", "describe the product."),
+    "media": ("what is the main topic?", "what is the clip about?"),
+}
+FOLLOW_UP = "anything else?"
+NOTHING_ELSE = "nothing else."
+
+
+def target_facts(workload: str, labels: dict[str, Any]) -> list[str]:
+    """The parts of a sample's target text, in their fixed order."""
+    if workload == "medical":
+        return [_MEDICAL_PHRASES[f] for f in labels["findings"]]
+    if workload == "retail":
+        attrs = labels["attributes"]
+        colour = [a for a in attrs if a in ("red", "blue", "green")]
+        return [_RETAIL_PHRASES[labels["category"]], *(["large"] if "large" in attrs else []), *colour,
+                *(["on sale"] if "on_sale" in attrs else [])]
+    if workload == "media":
+        facts = [f"{c} clip" for c in labels["content"]]
+        if labels["moderation"] != "safe":
+            facts.append(f"{labels['moderation']} content")
+        return facts
+    raise ValueError(f"unknown workload {workload!r}: use one of {', '.join(WORKLOADS)}")
+
+
+def _listed(facts: list[str]) -> str:
+    """``a.``, ``a and b.``, ``a, b and c.``"""
+    return (", ".join(facts[:-1]) + " and " if len(facts) > 1 else "") + facts[-1] + "."
+
+
+def _say(workload: str, facts: list[str]) -> str:
+    """The full target: a retail title puts its words in title order
+    ("large red toy, on sale."); the others list their facts."""
+    if not facts:
+        return _NOTHING[workload]
+    if workload == "retail":
+        head, rest = facts[0], facts[1:]
+        words = [f for f in rest if f != "on sale"] + [head]
+        return " ".join(words) + (", on sale." if "on sale" in rest else ".")
+    return _listed(facts)
+
+
+def target_text(workload: str, labels: dict[str, Any]) -> str:
+    """The text a generative head writes for a sample with no conversation:
+    a medical impression, a retail product title or a media caption."""
+    return _say(workload, target_facts(workload, labels))
+
+
+def dialogues(workload: str, labels: dict[str, Any]) -> list[tuple[list[dict[str, str]], str]]:
+    """Conversations about one sample, as ``(messages, answer)`` pairs:
+    ``messages`` ends with the user's question; an empty list is the plain
+    draft.  The follow-ups can only be answered from the earlier turns
+    together with the record (which facts are left to say)."""
+    facts = target_facts(workload, labels)
+    first_q, all_q = QUESTIONS[workload]
+    first = _listed(facts[:1]) if facts else _NOTHING[workload]
+    full = _say(workload, facts)
+    rest = _listed(facts[1:]) if len(facts) > 1 else NOTHING_ELSE
+
+    def user(text: str) -> dict[str, str]:
+        return {"role": "user", "content": text}
+
+    def bot(text: str) -> dict[str, str]:
+        return {"role": "assistant", "content": text}
+
+    return [
+        ([], full),
+        ([user(all_q)], full),
+        ([user(first_q)], first),
+        ([user(first_q), bot(first), user(FOLLOW_UP)], rest),
+        ([user(all_q), bot(full), user(FOLLOW_UP)], NOTHING_ELSE),
+    ]

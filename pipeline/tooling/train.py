@@ -30,10 +30,13 @@ IGNORE = -100
 
 @dataclass
 class Example:
-    """A prepared record with its targets (one entry per head)."""
+    """A prepared record with its targets (one entry per head) and, for a
+    generative head, its conversations as (prompt ids, answer ids) pairs:
+    the first is the plain draft."""
 
     prepared: Prepared
     targets: dict[str, Any]
+    dialogues: list[tuple[list[int], list[int]]] = field(default_factory=list)
 
 
 @dataclass
@@ -47,6 +50,7 @@ class TrainReport:
     f1: dict[str, float]
     f1_missing_modality: dict[str, float] = field(default_factory=dict)
     skipped_records: int = 0
+    generation: dict[str, float] = field(default_factory=dict)
 
     @property
     def macro_f1(self) -> float:
@@ -123,6 +127,38 @@ def macro_f1(head: HeadSpec, truth: list[Any], pred: list[Any]) -> float:
     return _f1(tp, fp, fn)
 
 
+def _words(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def exact_match(truth: list[str], pred: list[str]) -> float:
+    """Share of texts equal after lowercasing and spacing normalisation."""
+    if not truth:
+        return 0.0
+    return sum(_words(t) == _words(p) for t, p in zip(truth, pred, strict=True)) / len(truth)
+
+
+def rouge_l(truth: list[str], pred: list[str]) -> float:
+    """Mean ROUGE-L F1 (longest common subsequence of words)."""
+    scores = []
+    for t, p in zip(truth, pred, strict=True):
+        a, b = _words(t), _words(p)
+        if not a or not b:
+            scores.append(float(a == b))
+            continue
+        prev = [0] * (len(b) + 1)
+        for x in a:
+            cur = [0]
+            for j, y in enumerate(b):
+                cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+            prev = cur
+        lcs = prev[-1]
+        scores.append(0.0 if lcs == 0 else 2 * lcs / (len(a) + len(b)))
+    return float(np.mean(scores)) if scores else 0.0
+
+
 def score_results(spec: WorkloadSpec, results: list, labels: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Macro-F1 per classification head of Predictor results (``Result``
     objects) against ground truth (record id -> {head: label or labels}).
@@ -146,6 +182,72 @@ def score_results(spec: WorkloadSpec, results: list, labels: dict[str, dict[str,
                 pred.append(np.isin(h.labels, got).astype(np.float32))
         out[h.name] = round(macro_f1(h, truth, pred), 4)
     return out
+
+
+def evaluate_generation(model, pre: Preprocessor, examples: list[Example], tok, max_new: int,
+                        batch_size: int = 64) -> dict[str, float]:
+    """Held-out greedy decoding through the same loop as serving: exact
+    match and ROUGE-L of the drafts (no conversation) and of the follow-ups
+    (every other conversation)."""
+    from pipeline.generate import decode
+    from pipeline.tooling.model.generative import TorchBackend
+
+    backend = TorchBackend(model)
+    n_prefix = model.cfg.prefix_tokens
+    cases: dict[str, tuple[list[str], list[str]]] = {"draft": ([], []), "dialogue": ([], [])}
+    jobs = [(ex, k) for ex in examples for k in range(len(ex.dialogues))]
+    for i in range(0, len(jobs), batch_size):
+        chunk = jobs[i : i + batch_size]
+        feeds = pre.collate([ex.prepared for ex, _ in chunk])
+        prompts = [ex.dialogues[k][0] for ex, k in chunk]
+        outs: list[list[int]] = [[] for _ in chunk]
+        stops = [frozenset({tok.eos_id})] * len(chunk)
+        for tokens, _ in decode(backend, feeds, prompts, n_prefix, max_new_tokens=max_new, stop_ids=stops,
+                                pad_id=tok.pad_id):
+            for j, t in enumerate(tokens):
+                outs[j].append(int(t))
+        for (ex, k), got in zip(chunk, outs, strict=True):
+            got = got[: got.index(tok.eos_id)] if tok.eos_id in got else got
+            truth, pred = cases["draft" if k == 0 else "dialogue"]
+            truth.append(tok.decode(ex.dialogues[k][1]))
+            pred.append(tok.decode(got))
+    out: dict[str, float] = {}
+    for name, (truth, pred) in cases.items():
+        if truth:
+            prefix = "" if name == "draft" else "dialogue_"
+            out[prefix + "exact_match"] = round(exact_match(truth, pred), 4)
+            out[prefix + "rouge_l"] = round(rouge_l(truth, pred), 4)
+    return out
+
+
+def _conversations(spec: WorkloadSpec, sample) -> list[tuple[list[dict[str, str]], str]]:
+    """(messages, answer) pairs to learn from: the plain draft first, then,
+    for the built-in workloads, the sample data's dialogues about it."""
+    from pipeline.tooling import sample_data
+
+    convs = [([], sample.target)]
+    if spec.name in sample_data.WORKLOADS:
+        convs += [(m, a) for m, a in sample_data.dialogues(spec.name, sample.labels) if m]
+    return convs
+
+
+def _decoder_tokenizer(spec: WorkloadSpec, samples: list, idx: list[int]):
+    from pipeline.tokenizer import DecoderTokenizer
+
+    corpus = []
+    for i in idx:
+        for msgs, answer in _conversations(spec, samples[i]):
+            corpus.extend([answer, *(m["content"] for m in msgs)])
+    return DecoderTokenizer.train(corpus, vocab_size=1000)
+
+
+def _generative_overrides(spec: WorkloadSpec, tok) -> dict[str, Any]:
+    g = spec.generation
+    assert g is not None
+    need = len(spec.modalities) + 1 + g.max_prompt_tokens + g.max_new_tokens
+    return {"name": g.head, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+            "pad_id": tok.pad_id, "max_prompt_tokens": g.max_prompt_tokens, "max_new_tokens": g.max_new_tokens,
+            "n_positions": max(64, need)}
 
 
 # -- training ---------------------------------------------------------------------
@@ -184,7 +286,7 @@ def augment(ex: Example, spec: WorkloadSpec, encoder: TextEncoder | None, rng: r
             present.remove(m)
             if m == "text":
                 targets = _drop_targets(ex, spec, len(p.features["input_ids"]))
-    return Example(p, targets)
+    return Example(p, targets, ex.dialogues)
 
 
 def _batch_targets(spec: WorkloadSpec, batch: list[Example], seq: int) -> dict[str, Any]:
@@ -203,6 +305,42 @@ def _batch_targets(spec: WorkloadSpec, batch: list[Example], seq: int) -> dict[s
                 arr[i, : len(v)] = v
             out[h.name] = torch.from_numpy(arr)
     return out
+
+
+def _generation_batch(batch: list[Example], rng: random.Random, pad_id: int, eos_id: int):
+    """One conversation per example (drawn), as right-padded ids and labels
+    that score only the answer and its closing [SEP]."""
+    import torch
+
+    seqs, starts = [], []
+    for ex in batch:
+        prompt, answer = ex.dialogues[rng.randrange(len(ex.dialogues))]
+        seqs.append(prompt + answer + [eos_id])
+        starts.append(len(prompt))
+    width = max(len(q) for q in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    labels = np.full_like(ids, IGNORE)
+    for i, (q, start) in enumerate(zip(seqs, starts, strict=True)):
+        ids[i, : len(q)] = q
+        mask[i, : len(q)] = 1
+        labels[i, start : len(q)] = q[start:]
+    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels)
+
+
+def _generation_loss(model, prefix, ids, mask, labels):
+    """Teacher-forced next-token loss after the conditioning prefix."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.tooling.model.decoder import positions
+
+    n_prefix = prefix.shape[1]
+    full_mask = torch.cat([torch.ones(mask.shape[0], n_prefix, dtype=mask.dtype), mask], dim=1)
+    embeds = torch.cat([prefix, model.decoder.embed(ids)], dim=1)
+    logits, _ = model.decoder(embeds, full_mask, positions(full_mask))
+    pred = logits[:, n_prefix : n_prefix + ids.shape[1] - 1]
+    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
 
 
 def _loss(spec: WorkloadSpec, outputs: dict[str, Any], targets: dict[str, Any]):
@@ -267,8 +405,13 @@ def train(
     model_overrides: dict[str, Any] | None = None,
     max_steps: int | None = None,
     progress: bool = True,
+    generative: bool = False,
 ) -> TrainReport:
-    """Train a model on ``samples`` (records + labels) and save it to ``out_dir``."""
+    """Train a model on ``samples`` (records + labels) and save it to ``out_dir``.
+
+    ``generative``: also train the workload's generative head (its spec's
+    ``generation`` section) on the samples' target texts; the report then
+    holds held-out exact match and ROUGE-L."""
     import torch
     from safetensors.torch import save_file
 
@@ -297,6 +440,23 @@ def train(
             copy_pretrained(src, tok_dir)
             encoder = TextEncoder.load(tok_dir, spec.preprocessing.text.max_length)
 
+    dec_tok = None
+    if generative:
+        if spec.generation is None:
+            raise ValueError(f"workload {spec.name} has no generation section: nothing to train a "
+                             "generative head for")
+        if any(samples[i].target is None for i in train_idx):
+            raise ValueError("--generative needs a target text for every record (labels 'target')")
+        dec_tok = _decoder_tokenizer(spec, samples, train_idx)
+        dec_tok.save(out_dir / "model" / "decoder_tokenizer.json")
+
+    def conversations(sample) -> list[tuple[list[int], list[int]]]:
+        if dec_tok is None:
+            return []
+        from pipeline.generate import prompt_ids
+
+        return [(prompt_ids(dec_tok, m), dec_tok.encode(a)) for m, a in _conversations(spec, sample)]
+
     pre = Preprocessor(spec, encoder)
     examples: dict[int, Example] = {}
     skipped = 0
@@ -306,7 +466,7 @@ def train(
         except RecordError:
             skipped += 1
             continue
-        examples[i] = Example(p, make_targets(spec, s.labels, s.spans, p))
+        examples[i] = Example(p, make_targets(spec, s.labels, s.spans, p), conversations(s))
     train_ex = [examples[i] for i in train_idx if i in examples]
     test_ex = [examples[i] for i in test_idx if i in examples]
     if not train_ex or not test_ex:
@@ -320,6 +480,8 @@ def train(
         if text_source == "builtin":
             text_over["vocab_size"] = encoder.vocab_size
         overrides["text"] = text_over
+    if dec_tok is not None:  # decoder size may be overridden (n_embd, n_layer, n_head, n_positions)
+        overrides["generative"] = {**_generative_overrides(spec, dec_tok), **overrides.get("generative", {})}
     cfg = FusionConfig.for_workload(spec, **overrides)
     model = FusionModel(cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
@@ -339,7 +501,12 @@ def train(
             batch = [augment(e, spec, encoder, rng, modality_dropout) for e in train_ex[b : b + batch_size]]
             feeds = pre.collate([e.prepared for e in batch])
             targets = _batch_targets(spec, batch, feeds["input_ids"].shape[1] if "input_ids" in feeds else 0)
-            loss = _loss(spec, model.run(feeds), targets)
+            if dec_tok is None:
+                loss = _loss(spec, model.run(feeds), targets)
+            else:
+                outs, prefix = model.run_with_prefix(feeds)
+                ids, mask, labels = _generation_batch(batch, rng, dec_tok.pad_id, dec_tok.eos_id)
+                loss = _loss(spec, outs, targets) + _generation_loss(model, prefix, ids, mask, labels)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -356,6 +523,10 @@ def train(
     drop_rng = random.Random(seed + 1)
     dropped = [augment(e, spec, encoder, drop_rng, 1.0 / max(1, len(spec.modalities))) for e in test_ex]
     f1_missing = evaluate(model, spec, pre, dropped)
+    gen_scores: dict[str, float] = {}
+    if dec_tok is not None:
+        assert cfg.generative is not None
+        gen_scores = evaluate_generation(model, pre, test_ex, dec_tok, cfg.generative.max_new_tokens)
 
     (out_dir / "model").mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -365,7 +536,7 @@ def train(
     report = TrainReport(
         workload=spec.name, fusion=cfg.fusion, train_records=len(train_ex), test_records=len(test_ex),
         epochs=epoch, seconds=round(time.perf_counter() - t_start, 1), f1=f1,
-        f1_missing_modality=f1_missing, skipped_records=skipped,
+        f1_missing_modality=f1_missing, skipped_records=skipped, generation=gen_scores,
     )
     (out_dir / "training.json").write_text(json.dumps(report.__dict__, indent=2))
     return report

@@ -448,7 +448,7 @@ def test_write_and_read_jsonl(tmp_path: Path) -> None:
     labels = sd.read_labels(lab_path)
     assert list(labels) == [s.record["id"] for s in samples]
     for s in samples:
-        assert labels[s.record["id"]] == {"labels": s.labels, "spans": s.spans}
+        assert labels[s.record["id"]] == {"labels": s.labels, "spans": s.spans, "target": s.target}
     sd.write_jsonl(samples[:2], tmp_path / "only.jsonl")
     assert len((tmp_path / "only.jsonl").read_text().splitlines()) == 2
 

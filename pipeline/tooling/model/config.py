@@ -63,6 +63,47 @@ class HeadConfig(_Strict):
     num_labels: int
 
 
+class GenerativeHeadConfig(_Strict):
+    """A generative head: a GPT-2-style causal decoder (its architecture is a
+    ``transformers.GPT2Config`` built from these fields) that writes text
+    conditioned on the fused representation.
+
+    Conditioning is by *prefix embeddings*: each modality's pooled token and
+    the fused vector, projected to the decoder width, sit in front of the
+    prompt as ``prefix_tokens`` pseudo-tokens.  Chosen over cross-attention
+    because the towers' work then reaches the decoder once, through the same
+    key/value cache as the prompt: the exported decoder is a plain GPT-2 with
+    one cache layout (no second, cross-attention cache to carry and bind
+    every step), and a user's own GPT-2-style decoder fits unchanged.  The
+    cost, a fixed small number of conditioning tokens instead of every tower
+    token, is what a tagging model's pooled features already live with.
+
+    Token ids: ``bos_id`` opens the prompt, ``eos_id`` ends each turn and the
+    answer (the default stop token), ``pad_id`` fills ragged batches."""
+
+    name: str = Field("draft", pattern=r"^[a-z][a-z0-9_]{0,30}$")
+    type: Literal["generative"] = "generative"
+    vocab_size: int = Field(gt=0)
+    n_embd: int = 64
+    n_layer: int = 2
+    n_head: int = 2
+    n_positions: int = Field(128, ge=8)
+    dropout: float = 0.1
+    bos_id: int = Field(ge=0)
+    eos_id: int = Field(ge=0)
+    pad_id: int = Field(ge=0)
+    max_prompt_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(24, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerativeHeadConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError("generative head: n_embd must be divisible by n_head")
+        if max(self.bos_id, self.eos_id, self.pad_id) >= self.vocab_size:
+            raise ValueError("generative head: special token ids must be below vocab_size")
+        return self
+
+
 class FusionConfig(_Strict):
     modalities: list[str]
     fusion: Literal["concat", "gated", "cross_attention"] = "gated"
@@ -74,6 +115,13 @@ class FusionConfig(_Strict):
     image: ImageTowerConfig | None = None
     audio: AudioTowerConfig | None = None
     tabular: TabularTowerConfig | None = None
+    generative: GenerativeHeadConfig | None = None
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Conditioning tokens in front of a generative head's prompt: one
+        pooled token per modality plus the fused vector."""
+        return len(self.modalities) + 1
 
     @model_validator(mode="after")
     def _check(self) -> FusionConfig:
@@ -88,6 +136,14 @@ class FusionConfig(_Strict):
             raise ValueError("a token head needs the text modality")
         if self.dim % self.attention_heads:
             raise ValueError("dim must be divisible by attention_heads")
+        g = self.generative
+        if g is not None:
+            if g.name in {h.name for h in self.heads}:
+                raise ValueError(f"generative head {g.name!r} clashes with a tagging head's name")
+            need = self.prefix_tokens + g.max_prompt_tokens + g.max_new_tokens
+            if need > g.n_positions:
+                raise ValueError(f"generative head: prefix + max_prompt_tokens + max_new_tokens = {need} "
+                                 f"exceeds n_positions {g.n_positions}")
         return self
 
     @classmethod

@@ -204,6 +204,11 @@ class FusionModel(nn.Module):
         for h in cfg.heads:
             in_dim = 2 * d if h.type == "token" else d
             self.heads[h.name] = nn.Linear(in_dim, h.num_labels)
+        if cfg.generative is not None:  # built last: a tagging-only model initialises as before
+            from pipeline.tooling.model.decoder import CausalDecoder
+
+            self.prefix_proj = nn.Linear(d, cfg.generative.n_embd)
+            self.decoder = CausalDecoder(cfg.generative)
 
     # -- helpers -------------------------------------------------------------
     def _tokens(self, feeds: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
@@ -228,6 +233,12 @@ class FusionModel(nn.Module):
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         feeds = dict(zip(self.input_names, inputs, strict=True))
+        fused, _pooled, text_ctx = self._encode(feeds)
+        return self._heads(self.dropout(fused), text_ctx)
+
+    def _encode(self, feeds: dict[str, Tensor]) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        """Towers and fusion: the fused vector [B, D], each modality's pooled
+        token (its learned stand-in when missing) and the text context."""
         presence = feeds["presence"]
         toks = self._tokens(feeds)
         pooled = []
@@ -245,7 +256,9 @@ class FusionModel(nn.Module):
             fused = self.fuse(mixed)
         else:
             fused, text_ctx = self._cross_attend(toks, pooled, presence)
-        fused = self.dropout(fused)
+        return fused, pooled, text_ctx
+
+    def _heads(self, fused: Tensor, text_ctx: Tensor | None) -> tuple[Tensor, ...]:
         outputs = []
         for h in self.cfg.heads:
             if h.type == "token":
@@ -290,3 +303,25 @@ class FusionModel(nn.Module):
         PyTorch engine."""
         outs = self(*[torch.as_tensor(feeds[n]) for n in self.input_names])
         return dict(zip(self.output_names, outs, strict=True))
+
+    # -- generative head ------------------------------------------------------------
+    def _prefix(self, fused: Tensor, pooled: list[Tensor]) -> Tensor:
+        return self.prefix_proj(torch.stack([*pooled, fused], dim=1))
+
+    def encode_prefix(self, *inputs: Tensor) -> Tensor:
+        """The generative head's conditioning: [B, prefix_tokens, n_embd]
+        (inputs positionally, as ``forward``)."""
+        if self.cfg.generative is None:
+            raise ValueError("this model has no generative head")
+        feeds = dict(zip(self.input_names, inputs, strict=True))
+        fused, pooled, _ = self._encode(feeds)
+        return self._prefix(fused, pooled)
+
+    def run_with_prefix(self, feeds: dict[str, Any]) -> tuple[dict[str, Tensor], Tensor]:
+        """Training: tagging outputs and the generative prefix from one pass
+        through the towers (dropout applied to both alike)."""
+        tensors = dict(zip(self.input_names, (torch.as_tensor(feeds[n]) for n in self.input_names), strict=True))
+        fused, pooled, text_ctx = self._encode(tensors)
+        fused = self.dropout(fused)
+        outs = dict(zip(self.output_names, self._heads(fused, text_ctx), strict=True))
+        return outs, self._prefix(fused, pooled)
