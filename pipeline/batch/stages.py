@@ -57,9 +57,11 @@ def _node() -> str:
     try:
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        if ray.is_initialized():  # asking an uninitialised Ray for its context would start one
+            return ray.get_runtime_context().get_node_id()
     except Exception:  # outside Ray (unit tests)
-        return socket.gethostname()
+        pass
+    return socket.gethostname()
 
 
 def _worker_id() -> str:
