@@ -443,6 +443,20 @@ def validate_inputs(
 
 
 # -- responses ------------------------------------------------------------------------------
+def tensor_from_bytes(name: str, datatype: str, shape: Sequence[int], data: bytes | memoryview) -> np.ndarray:
+    """A tensor from its raw little-endian bytes (HTTP binary data, gRPC
+    ``raw_input_contents``); checks the size against the shape."""
+    dtype_of(datatype)
+    return _binary_data(name, datatype, _shape(name, list(shape)), memoryview(data))
+
+
+def tensor_to_bytes(arr: np.ndarray) -> tuple[str, bytes]:
+    """(datatype, raw bytes) of a tensor, as HTTP binary data and gRPC
+    ``raw_output_contents`` carry it."""
+    datatype = datatype_of(arr.dtype)
+    return datatype, _to_binary(arr, datatype)
+
+
 def _to_binary(arr: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES":
         return serialize_bytes(arr)
