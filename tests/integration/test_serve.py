@@ -471,7 +471,7 @@ def test_metrics_endpoint(server) -> None:
                and 'model="medical-fusion"' in ln for ln in info)
     assert re.search(r'^mmpipe_record_errors_total{[^}]*reason="uri_not_allowed"', text, re.M)
     assert re.search(r'^mmpipe_stage_seconds_count{[^}]*stage="queue"', text, re.M)
-    assert 'replica="retail-fusion#' in text
+    assert 'replica="server#' in text
 
 
 def _ok_records(text: str, workload: str) -> float:
@@ -549,14 +549,6 @@ def test_no_record_content_in_logs(server) -> None:
         except OSError:
             continue
         assert MARKER.encode() not in data, f"record text leaked into {f}"
-
-
-def test_sigterm_shuts_down_cleanly(server) -> None:
-    server.proc.send_signal(signal.SIGTERM)
-    assert server.proc.wait(120) == 0, server.log.read_text()[-4000:]
-    assert "stopping" in server.log.read_text()
-    with pytest.raises(requests.ConnectionError):
-        requests.get(f"{server.url}/v2/health/live", timeout=5)
 
 
 def test_a_config_that_fails_to_deploy_exits_1(package_dirs: dict[str, Path], tmp_path: Path) -> None:
@@ -717,3 +709,62 @@ def test_unknown_routes_answer_the_protocol_error_shape(server) -> None:
             http.get_model_config("nope")
     finally:
         http.close()
+
+
+# -- the README's example, and configs Ray cannot place ----------------------------------------------------------
+def test_the_readme_example_starts_on_two_cores_and_answers(package_dirs, tiny_packages, predictors, records,
+                                                            tmp_path: Path) -> None:
+    """deploy/serve/serve.example.yaml as written (its applications and
+    deployments, packages swapped for the test's) on a 2-CPU Ray; with one
+    application, tritonclient.grpc needs no header, exactly as against Triton."""
+    media = tmp_path / "media"
+    shutil.copytree(tiny_packages["media"], media)
+    export_package(media, ("fp32",))
+    where = {"retail": package_dirs["retail"], "medical": package_dirs["medical"], "media": media}
+    example = yaml.safe_load((ROOT / "deploy" / "serve" / "serve.example.yaml").read_text())
+    (app,) = example["applications"]
+    app["args"]["models"] = [{"package": str(where[Path(m["package"]).name])} for m in app["args"]["models"]]
+    with running_serve([app], tmp_path, num_cpus=2) as srv:
+        pred = predictors["retail"]
+        r = requests.post(f"{srv.url}/v1/retail/predict", json={"records": [json_safe(x) for x in records["retail"]]},
+                          timeout=120)
+        assert r.status_code == 200, r.text
+        assert_same([Result.model_validate(d) for d in r.json()["results"]], pred.predict(records["retail"]))
+        client = grpcclient.InferenceServerClient(srv.grpc)
+        try:
+            assert client.is_server_ready() and client.is_model_ready("media-fusion")
+        finally:
+            client.close()
+
+
+def test_a_config_ray_cannot_place_fails_at_once_saying_what_is_short(package_dirs, tmp_path: Path) -> None:
+    app = _app("big", "/", [{"package": str(package_dirs["retail"])}], [])
+    app["deployments"][0]["ray_actor_options"] = {"num_cpus": 3}
+    config = {"http_options": {"host": "127.0.0.1", "port": free_port()}, "applications": [app]}
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="mmr", dir="/tmp"))
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.serve.cli", "--config", str(cfg), "--num-cpus", "2",
+                             "--grpc-port", str(free_port())],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        # "at once": well inside the default 600s deploy wait (no wall-clock assertion beyond that)
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 1, out[-3000:] + err[-3000:]
+    assert "CPU: needs 3, the Ray cluster has 2 (1 short)" in err and "big/server: 1 replica(s) x 3 CPU" in err
+
+
+# -- last: stops the module's server ------------------------------------------------------------------------------
+def test_sigterm_shuts_down_cleanly(server) -> None:
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(120) == 0, server.log.read_text()[-4000:]
+    assert "stopping" in server.log.read_text()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{server.url}/v2/health/live", timeout=5)
