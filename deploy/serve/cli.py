@@ -40,6 +40,13 @@ SHUTDOWN_TIMEOUT_S = 60.0
 DEFAULT_GRPC_PORT = 9000
 """Serve's own default gRPC port (Triton's is 8001)."""
 
+LOCAL_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
+               "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+"""Side ports Serve binds at fixed numbers (HAProxy's metrics 9101 and stats
+8404, the fallback proxy's 8500/9500): a local Ray gets free ones unless the
+environment names them, so two local services (or a test beside a dev
+server) do not collide."""
+
 THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 """Ray Serve's throughput mode (Ray 2.60, ``ray/serve/_private/constants.py``):
 the first turns on direct ingress (the ingress replica listens itself, no
@@ -209,6 +216,14 @@ def wait_running(names: list[str], *, timeout_s: float, stop: threading.Event | 
             time.sleep(0.5)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _check_packages(config: dict[str, Any]) -> None:
     """Fail before starting Ray when a local package path is wrong (on a
     joined cluster, paths are the nodes' business)."""
@@ -317,6 +332,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if local:
         for key, value in THROUGHPUT_ENV.items():
             os.environ[key] = value if args.throughput_mode == "on" else "0"
+        for key in LOCAL_PORTS:
+            os.environ.setdefault(key, str(_free_port()))
     init_kw: dict[str, Any] = {"address": "local" if local else args.address}
     if local:
         init_kw.update(num_cpus=args.num_cpus, num_gpus=args.num_gpus, include_dashboard=False)
