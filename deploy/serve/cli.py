@@ -45,7 +45,7 @@ LOCAL_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
 """Side ports Serve binds at fixed numbers (HAProxy's metrics 9101 and stats
 8404, the fallback proxy's 8500/9500): a local Ray gets free ones unless the
 environment names them, so two local services (or a test beside a dev
-server) do not collide."""
+server) do not collide; likewise the direct-ingress replica port ranges."""
 
 THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 """Ray Serve's throughput mode (Ray 2.60, ``ray/serve/_private/constants.py``):
@@ -224,6 +224,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _direct_ingress_ranges(block: int = 64) -> None:
+    """Per-instance port ranges for direct ingress replicas (Serve's defaults,
+    30000+ for HTTP and 40000+ for gRPC, are the same for every Ray on a
+    machine, and gRPC servers bind with SO_REUSEPORT: a second local
+    service's replica would share a port with the first's and answer its
+    calls).  A random block each, unless the environment names them."""
+    import random
+
+    for proto, lo in (("HTTP", 20000), ("GRPC", 45000)):
+        low, high = f"RAY_SERVE_DIRECT_INGRESS_MIN_{proto}_PORT", f"RAY_SERVE_DIRECT_INGRESS_MAX_{proto}_PORT"
+        if low in os.environ:
+            continue
+        start = lo + block * random.randrange(0, 15000 // block)
+        os.environ[low], os.environ[high] = str(start), str(start + block)
+
+
 def _check_packages(config: dict[str, Any]) -> None:
     """Fail before starting Ray when a local package path is wrong (on a
     joined cluster, paths are the nodes' business)."""
@@ -334,6 +350,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             os.environ[key] = value if args.throughput_mode == "on" else "0"
         for key in LOCAL_PORTS:
             os.environ.setdefault(key, str(_free_port()))
+        _direct_ingress_ranges()
     init_kw: dict[str, Any] = {"address": "local" if local else args.address}
     if local:
         init_kw.update(num_cpus=args.num_cpus, num_gpus=args.num_gpus, include_dashboard=False)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -104,9 +104,10 @@ class _TensorCall:
 
 @dataclass
 class _RecordsCall:
+    """One /v1 call's decoded records waiting for a batch."""
+
     enqueued: float
     batch: ColumnarBatch
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ModelRuntime:
