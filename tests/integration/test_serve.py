@@ -761,6 +761,26 @@ def test_a_config_ray_cannot_place_fails_at_once_saying_what_is_short(package_di
     assert "CPU: needs 3, the Ray cluster has 2 (1 short)" in err and "big/server: 1 replica(s) x 3 CPU" in err
 
 
+def test_classic_proxy_mode_serves_the_same(package_dirs, predictors, records, tmp_path: Path) -> None:
+    """With Ray's throughput mode off (Serve's Python proxy, user code in its
+    own thread) the same app answers HTTP and gRPC alike: the module's suite
+    runs in throughput mode, this covers the other."""
+    pred = predictors["retail"]
+    prepared = [pred.prepare(r) for r in records["retail"]]
+    feeds = pred.pre.collate(prepared)
+    app = _app("mmpipe", "/", [{"package": str(package_dirs["retail"])}], [])
+    with running_serve([app], tmp_path, throughput_mode="off") as srv:
+        assert "Throughput optimized Ray Serve enabled" not in srv.log.read_text(errors="replace")
+        outputs = [t.name for t in pred.package.manifest.signature.outputs]
+        for res in (tc_infer(srv, pred.package.name, feeds, outputs, binary=True),
+                    grpc_infer(srv, pred.package.name, feeds, outputs)):
+            logits = {o: res.as_numpy(o) for o in outputs}
+            got = results_from_logits(pred, [p.id for p in prepared], logits, [p.offsets for p in prepared])
+            assert_same(got, pred.predict(records["retail"]))
+        r = requests.get(f"{srv.url}/v2/nope", timeout=30)
+        assert r.status_code == 404 and set(r.json()) == {"error"}
+
+
 # -- last: stops the module's server ------------------------------------------------------------------------------
 def test_sigterm_shuts_down_cleanly(server) -> None:
     server.proc.send_signal(signal.SIGTERM)
