@@ -3,7 +3,7 @@
 routes make, so ``tritonclient.grpc`` works against Serve as against Triton.
 
 Serve's gRPC proxy (``grpc_options.grpc_servicer_functions`` naming
-``tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server``)
+:func:`add_servicer`, tritonclient's servicer registration)
 calls the server deployment's method of the RPC's name with the request
 message; :class:`GrpcMethods` is that set of methods, mixed into the
 deployment.  Errors carry a gRPC status code and the message the HTTP route
@@ -16,10 +16,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import sys
+
 import grpc
 import numpy as np
 from google.protobuf import json_format
-from tritonclient.grpc import model_config_pb2, service_pb2
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+# tritonclient's generated classes say they live in ``grpc_service_pb2``
+# (the proto's own module name), which nothing can import: Serve's classic
+# proxy pickles the request to hand it to a replica, and unpickling needs
+# that name.  Alias it wherever this module is imported (the proxy imports
+# it through SERVICER, replicas through the server).
+sys.modules.setdefault(service_pb2.ModelInferRequest.__module__, service_pb2)
+sys.modules.setdefault(model_config_pb2.ModelConfig.__module__, model_config_pb2)
 
 from pipeline.oip import OipError, datatype_of, dtype_of, tensor_from_bytes, tensor_to_bytes
 
@@ -28,8 +38,15 @@ STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
           500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE}
 """HTTP status of an answer -> gRPC status code (Triton answers argument errors with INVALID_ARGUMENT)."""
 
-SERVICER = "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
-"""What a Serve config's ``grpc_options.grpc_servicer_functions`` must list."""
+SERVICER = "deploy.serve.grpc_oip.add_servicer"
+"""What a Serve config's ``grpc_options.grpc_servicer_functions`` lists:
+tritonclient's ``add_GRPCInferenceServiceServicer_to_server`` behind the
+module alias above."""
+
+
+def add_servicer(servicer: Any, server: Any) -> None:
+    """Register Triton's ``GRPCInferenceService`` on Serve's gRPC proxy."""
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
 
 _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
              "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
@@ -108,5 +125,5 @@ def config_response(cfg: Mapping[str, Any]) -> Any:
     return service_pb2.ModelConfigResponse(config=json_format.ParseDict(cfg, model_config_pb2.ModelConfig()))
 
 
-__all__ = ["SERVICER", "STATUS", "abort", "config_response", "datatype_of", "infer_response",
+__all__ = ["SERVICER", "STATUS", "abort", "add_servicer", "config_response", "datatype_of", "infer_response",
            "metadata_response", "parse_request", "service_pb2"]

@@ -39,7 +39,7 @@ def test_example_config_is_a_valid_serve_config() -> None:
     assert {d.name for d in app.deployments} == {"server"}
     assert config["applications"][0]["args"]["models"][0]["package"] == "/srv/demo-out/packages/retail"
     UserConfig.model_validate(app.deployments[0].user_config)
-    assert "tritonclient.grpc" in config["grpc_options"]["grpc_servicer_functions"][0]
+    assert config["grpc_options"]["grpc_servicer_functions"] == ["deploy.serve.grpc_oip.add_servicer"]
 
 
 def test_example_config_fits_a_two_core_machine() -> None:
@@ -73,8 +73,7 @@ def test_grpc_options_are_added_for_mmpipe_apps() -> None:
     config = {"applications": [{"name": "a", "import_path": cli.BUILDER, "args": {"models": [{"package": "/p"}]}}]}
     out = cli.with_grpc(config, 9123)
     assert out["grpc_options"]["port"] == 9123
-    assert out["grpc_options"]["grpc_servicer_functions"] == [
-        "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"]
+    assert out["grpc_options"]["grpc_servicer_functions"] == ["deploy.serve.grpc_oip.add_servicer"]
     assert cli.with_grpc(out)["grpc_options"] == out["grpc_options"]
     other = {"applications": [{"name": "b", "import_path": "x:y"}]}
     assert "grpc_options" not in cli.with_grpc(other)
