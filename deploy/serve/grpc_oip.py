@@ -13,15 +13,16 @@ Only the codec lives here; what a call means is the deployment's.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
-
-import sys
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from pipeline.oip import OipError, datatype_of, dtype_of, tensor_from_bytes, tensor_to_bytes
 
 # tritonclient's generated classes say they live in ``grpc_service_pb2``
 # (the proto's own module name), which nothing can import: Serve's classic
@@ -31,7 +32,6 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 sys.modules.setdefault(service_pb2.ModelInferRequest.__module__, service_pb2)
 sys.modules.setdefault(model_config_pb2.ModelConfig.__module__, model_config_pb2)
 
-from pipeline.oip import OipError, datatype_of, dtype_of, tensor_from_bytes, tensor_to_bytes
 
 STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
           413: grpc.StatusCode.RESOURCE_EXHAUSTED, 415: grpc.StatusCode.INVALID_ARGUMENT,
