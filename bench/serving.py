@@ -92,6 +92,8 @@ class Target:
     model: str        # v2: model name; v1: workload
     metrics_url: str
     tree_pid: int     # root of the server's process tree (CPU accounting)
+    protocol: str = "http"   # "http" | "grpc" (v2 only)
+    app: str = ""            # Ray Serve gRPC: the application header (several apps on one proxy)
 
 
 # -- CPU accounting -------------------------------------------------------------------------------------
@@ -230,6 +232,17 @@ class LoadGen:
                 inp.set_data_from_numpy(arr, binary_data=True)
                 row.append(inp)
             self.inputs.append(row)
+        import tritonclient.grpc as grpcclient
+
+        self.ginputs: list[list[Any]] = []
+        for feeds in self.feeds:
+            row = []
+            for name, arr in feeds.items():
+                inp = grpcclient.InferInput(name, list(arr.shape), "INT64" if arr.dtype == np.int64 else "FP32")
+                inp.set_data_from_numpy(arr)
+                row.append(inp)
+            self.ginputs.append(row)
+        self.grequested = [grpcclient.InferRequestedOutput(n) for n in self.outputs]
         self.ref = [{name: arrays[f"{i}/out/{name}"] for name in self.outputs} for i in range(self.n)]
         self.requested = [httpclient.InferRequestedOutput(n, binary_data=True) for n in self.outputs]
         self.bodies = [b.encode() for b in json.loads((d / "v1.json").read_text())]
@@ -237,7 +250,11 @@ class LoadGen:
 
     # one request ---------------------------------------------------------------------------------
     async def _v2(self, client: Any, t: Target, i: int) -> dict[str, np.ndarray]:
-        res = await client.infer(t.model, self.inputs[i], outputs=self.requested)
+        if t.protocol == "grpc":
+            res = await client.infer(t.model, self.ginputs[i], outputs=self.grequested,
+                                     headers={"application": t.app} if t.app else None)
+        else:
+            res = await client.infer(t.model, self.inputs[i], outputs=self.requested)
         return {n: res.as_numpy(n) for n in self.outputs}
 
     async def _v1(self, session: Any, t: Target, i: int) -> list[dict[str, Any]]:
@@ -267,6 +284,10 @@ class LoadGen:
         import aiohttp
         import tritonclient.http.aio as aioclient
 
+        if t.api == "v2" and t.protocol == "grpc":
+            import tritonclient.grpc.aio as grpcaio
+
+            return grpcaio.InferenceServerClient(t.base)
         if t.api == "v2":
             return aioclient.InferenceServerClient(t.base, conn_limit=1, conn_timeout=300.0)
         return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1),
@@ -406,6 +427,7 @@ def _free_port() -> int:
 class RayServe:
     proc: subprocess.Popen
     port: int
+    grpc_port: int
     log: Path
     ray_tmp: Path
 
@@ -420,11 +442,12 @@ class RayServe:
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
 
-def ray_config(package: Path, model_name: str, port: int, batch: int, wait_s: float, threads: int
+def ray_config(package: Path, port: int, grpc_port: int, batch: int, wait_s: float, threads: int
                ) -> dict[str, Any]:
     """Serve config: the same package as two applications, batched (``/b``)
-    and not (``/u``), each one model replica with ``threads`` ORT threads;
-    and ``/e``, the same request path with no model (bench/serve_echo.py)."""
+    and not (``/u``), each one ``server`` replica (HTTP, gRPC and the model)
+    with ``threads`` ORT threads; and ``/e``, the same request path with no
+    model (bench/serve_echo.py)."""
     settings = {"engine": {"kind": "onnxruntime", "device": "cpu", "variant": "fp32", "threads": threads},
                 "predict": {"batch_size": max(batch, 1)}, "log_level": "INFO"}
 
@@ -433,9 +456,7 @@ def ray_config(package: Path, model_name: str, port: int, batch: int, wait_s: fl
             "name": name, "route_prefix": prefix, "import_path": "deploy.serve.app:build_app",
             "args": {"models": [{"package": str(package)}], "settings": settings},
             "deployments": [
-                {"name": "ingress", "num_replicas": 1, "max_ongoing_requests": 512,
-                 "ray_actor_options": {"num_cpus": 0.25}},
-                {"name": model_name, "num_replicas": 1, "max_ongoing_requests": 256,
+                {"name": "server", "num_replicas": 1, "max_ongoing_requests": 512,
                  "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0},
                  "user_config": {"max_batch_size": max_batch, "batch_wait_timeout_s": wait_s}},
             ],
@@ -443,33 +464,33 @@ def ray_config(package: Path, model_name: str, port: int, batch: int, wait_s: fl
 
     return {"proxy_location": "HeadOnly",
             "http_options": {"host": "127.0.0.1", "port": port, "request_timeout_s": 300},
+            "grpc_options": {"port": grpc_port},
             "applications": [
                 app("batched", RAY_BATCHED, batch), app("unbatched", RAY_UNBATCHED, 1),
                 {"name": "echo", "route_prefix": RAY_ECHO, "import_path": "bench.serve_echo:build_echo_app",
-                 "args": {}, "deployments": [  # the same queue limits as mmpipe's deployments above
-                     {"name": "echo-ingress", "num_replicas": 1, "max_ongoing_requests": 512},
-                     {"name": "echo-model", "num_replicas": 1, "max_ongoing_requests": 256}]},
+                 "args": {}, "deployments": [  # the same queue limit as mmpipe's server above
+                     {"name": "echo", "num_replicas": 1, "max_ongoing_requests": 512}]},
             ]}
 
 
 def start_ray(package: Path, work: Path, num_cpus: int, batch: int, wait_s: float, threads: int,
-              model_name: str) -> RayServe:
-    """``mmpipe serve`` in a subprocess (returns at once; see wait_ray)."""
+              throughput_mode: str) -> RayServe:
+    """``mmpipe serve --throughput-mode MODE`` in a subprocess (returns at once; see wait_ray)."""
     import yaml
 
-    port = _free_port()
-    cfg = ray_config(package, model_name, port, batch, wait_s, threads)
-    (work / "serve.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    port, grpc_port = _free_port(), _free_port()
+    cfg = ray_config(package, port, grpc_port, batch, wait_s, threads)
+    (work / f"serve-{throughput_mode}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     ray_tmp = Path(tempfile.mkdtemp(prefix="mmb", dir="/tmp"))  # Ray's socket paths must stay short
-    log = work / "serve.log"
+    log = work / f"serve-{throughput_mode}.log"
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
     with log.open("wb") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "deploy.serve.cli", "--config", str(work / "serve.yaml"),
-             "--num-cpus", str(num_cpus)],
+            [sys.executable, "-m", "deploy.serve.cli", "--config", str(work / f"serve-{throughput_mode}.yaml"),
+             "--num-cpus", str(num_cpus), "--throughput-mode", throughput_mode],
             cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
-    return RayServe(proc, port, log, ray_tmp)
+    return RayServe(proc, port, grpc_port, log, ray_tmp)
 
 
 def wait_ray(srv: RayServe, timeout_s: float = 600.0) -> None:
@@ -550,56 +571,63 @@ def _cell(cells: list[dict], target: str, clients: int) -> dict | None:
     return next((c for c in cells if c["target"] == target and c["clients"] == clients), None)
 
 
+def _aim(name: str, value: float | None, target: float, higher: bool = True) -> dict[str, Any]:
+    met = value is not None and (value >= target if higher else value <= target)
+    return {"name": name, "value": value, "target": target, "met": bool(met)}
+
+
 def ratios(result: dict[str, Any]) -> dict[str, Any]:
-    """The ratios the run is about, from cells measured side by side."""
+    """The ratios the run is about, from cells measured side by side, and
+    the aims (at the top client count) in the benchmarks' one shape."""
     cells, ref = result["cells"], result["inprocess"]
-    out: dict[str, Any] = {"batching_speedup": {}, "ray_over_triton": {}, "ray_over_inprocess": {},
-                           "ray_vs_echo": {}}
+    top = max(result["config"]["clients"])
+    best_mode = result["config"]["throughput_modes"][0]
+    ray = f"ray-tm-{best_mode}"
+    out: dict[str, Any] = {"batching_speedup": {}, "ray_over_triton": {}, "throughput_mode_on_over_off": {},
+                           "ray_over_inprocess": {}, "ray_vs_echo": {}}
     for c in result["config"]["clients"]:
-        for srv in ("ray", "triton"):
-            on, off = _cell(cells, f"{srv}/v2/batched", c), _cell(cells, f"{srv}/v2/unbatched", c)
-            if on and off and off["records_per_s"]:
-                out["batching_speedup"].setdefault(srv, {})[str(c)] = on["records_per_s"] / off["records_per_s"]
-        r, e = _cell(cells, "ray/v2/unbatched", c), _cell(cells, "ray/echo", c)
+        for srv in ("ray-tm-on", "ray-tm-off", "triton"):
+            for proto in ("http", "grpc"):
+                on, off = _cell(cells, f"{srv}/{proto}/batched", c), _cell(cells, f"{srv}/{proto}/unbatched", c)
+                if on and off and off["records_per_s"]:
+                    out["batching_speedup"].setdefault(f"{srv}/{proto}", {})[str(c)] = (
+                        on["records_per_s"] / off["records_per_s"])
+        for proto in ("http", "grpc"):
+            for mode in ("batched", "unbatched"):
+                r, t = _cell(cells, f"{ray}/{proto}/{mode}", c), _cell(cells, f"triton/{proto}/{mode}", c)
+                if r and t and t["records_per_s"]:
+                    out["ray_over_triton"].setdefault(f"{proto}/{mode}", {})[str(c)] = r["records_per_s"] / t[
+                        "records_per_s"]
+                on, off = _cell(cells, f"ray-tm-on/{proto}/{mode}", c), _cell(cells, f"ray-tm-off/{proto}/{mode}", c)
+                if on and off and off["records_per_s"]:
+                    out["throughput_mode_on_over_off"].setdefault(f"{proto}/{mode}", {})[str(c)] = (
+                        on["records_per_s"] / off["records_per_s"])
+        r, e = _cell(cells, f"{ray}/http/unbatched", c), _cell(cells, f"{ray}/echo", c)
         if r and e and e["records_per_s"]:
             out["ray_vs_echo"][str(c)] = {
                 "throughput": r["records_per_s"] / e["records_per_s"],
                 "server_cpu_ms_per_request": r["server_cpu_ms_per_request"],
                 "echo_server_cpu_ms_per_request": e["server_cpu_ms_per_request"],
             }
-        for mode in ("batched", "unbatched"):
-            r, t = _cell(cells, f"ray/v2/{mode}", c), _cell(cells, f"triton/v2/{mode}", c)
-            if r and t and t["records_per_s"]:
-                out["ray_over_triton"].setdefault(mode, {})[str(c)] = {
-                    "throughput": r["records_per_s"] / t["records_per_s"],
-                    "p50": (r["p50_ms"] / t["p50_ms"]) if r["p50_ms"] and t["p50_ms"] else None,
-                    "p99": (r["p99_ms"] / t["p99_ms"]) if r["p99_ms"] and t["p99_ms"] else None,
-                }
     eng1 = next(r for r in ref if r["what"] == "engine" and r["batch"] == 1)
-    engmax = max((r for r in ref if r["what"] == "engine"), key=lambda r: r["batch"])
-    one = _cell(cells, "ray/v2/unbatched", 1)
-    if one:
-        out["ray_over_inprocess"]["one_client_added_p50_ms"] = one["p50_ms"] - eng1["p50_ms"]
-        out["ray_over_inprocess"]["one_client_throughput_ratio"] = one["records_per_s"] / eng1["records_per_s"]
-    top = max(result["config"]["clients"])
-    best = _cell(cells, "ray/v2/batched", top)
-    if best:
-        out["ray_over_inprocess"][f"batched_{top}_clients_vs_engine_batch_{engmax['batch']}"] = (
-            best["records_per_s"] / engmax["records_per_s"])
     pred1 = next((r for r in ref if r["what"] == "predictor" and r["batch"] == 1), None)
-    v1one = _cell(cells, "ray/v1/unbatched", 1) or _cell(cells, "ray/v1/batched", 1)
+    one = _cell(cells, f"{ray}/http/unbatched", 1)
+    if one:
+        out["ray_over_inprocess"]["v2_one_client_added_p50_ms_over_engine"] = one["p50_ms"] - eng1["p50_ms"]
+    v1one = _cell(cells, f"{ray}/v1/batched", 1) or _cell(cells, f"{ray}/v1/unbatched", 1)
     if pred1 and v1one:
-        out["ray_over_inprocess"]["v1_one_client_added_p50_ms"] = v1one["p50_ms"] - pred1["p50_ms"]
-    aims: dict[str, Any] = {}
-    bs = {s: v.get(str(top)) for s, v in out["batching_speedup"].items()}
-    aims["batching_4x_at_top_clients"] = {"clients": top, "speedup": bs,
-                                          "met": {s: (v is not None and v >= 4.0) for s, v in bs.items()}}
-    rt = out["ray_over_triton"].get("batched", {}).get(str(top))
-    aims["ray_within_20pct_of_triton"] = {
-        "clients": top, "throughput_ratio": rt["throughput"] if rt else None,
-        "met": bool(rt and rt["throughput"] >= 0.8),
-        "by_clients": {k: v["throughput"] for k, v in out["ray_over_triton"].get("batched", {}).items()},
-    }
+        out["ray_over_inprocess"]["v1_one_client_added_p50_ms_over_predictor"] = v1one["p50_ms"] - pred1["p50_ms"]
+    aims = []
+    for proto in ("http", "grpc"):
+        aims.append(_aim(f"ray_serve_over_triton_{proto}_batched_{top}_clients",
+                         out["ray_over_triton"].get(f"{proto}/batched", {}).get(str(top)), 0.5))
+    aims.append(_aim(f"ray_serve_batching_speedup_http_{top}_clients",
+                     out["batching_speedup"].get(f"{ray}/http", {}).get(str(top)), 2.0))
+    busy = _cell(cells, f"{ray}/http/batched", top)
+    aims.append(_aim(f"ray_serve_server_cpu_ms_per_request_http_batched_{top}_clients",
+                     busy["server_cpu_ms_per_request"] if busy else None, 1.5, higher=False))
+    aims.append(_aim("ray_serve_one_client_added_p50_ms_over_inprocess_predictor",
+                     out["ray_over_inprocess"].get("v1_one_client_added_p50_ms_over_predictor"), 3.0, higher=False))
     out["aims"] = aims
     return out
 
@@ -613,27 +641,19 @@ def chart(result: dict[str, Any], path: Path) -> None:
     cells = result["cells"]
     clients = result["config"]["clients"]
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
-    styles = {"ray/v2/batched": ("tab:blue", "-", "Ray Serve, batched"),
-              "ray/v2/unbatched": ("tab:blue", "--", "Ray Serve, max_batch_size 1"),
-              "triton/v2/batched": ("tab:green", "-", "Triton, batched"),
-              "triton/v2/unbatched": ("tab:green", "--", "Triton, max_batch_size 1"),
-              "ray/v1/batched": ("tab:purple", ":", "Ray Serve /v1 records, batched"),
-              "ray/v1/unbatched": ("tab:purple", "-.", "Ray Serve /v1 records, max_batch_size 1"),
-              "ray/echo": ("tab:red", ":", "Ray Serve, same hops, no model (echo)")}
-    for key, (colour, ls, label) in styles.items():
+    colours = {"ray-tm-on": "tab:blue", "ray-tm-off": "tab:cyan", "triton": "tab:green"}
+    for key in sorted({c["target"] for c in cells}):
         pts = [(c, _cell(cells, key, c)) for c in clients]
         pts = [(c, x) for c, x in pts if x and x["requests"]]
-        if not pts:
+        if len(pts) < 2:
             continue
+        srv = key.split("/")[0]
+        ls = "-" if key.endswith("/batched") else "--" if key.endswith("/unbatched") else ":"
+        marker = "s" if "/grpc/" in key else "o"
         xs = [c for c, _ in pts]
         for ax, field in zip(axes, ("records_per_s", "p50_ms", "p99_ms"), strict=True):
-            ax.plot(xs, [x[field] for _, x in pts], ls, color=colour, marker="o", label=label)
-    ref = result["inprocess"]
-    for r in ref:
-        if r["what"] == "engine" and r["batch"] in (1, max(x["batch"] for x in ref)):
-            axes[0].axhline(r["records_per_s"], color="grey", lw=0.8, ls=":")
-            axes[0].annotate(f"in-process engine, batch {r['batch']}", (clients[0], r["records_per_s"]),
-                             fontsize=7, color="grey", va="bottom")
+            ax.plot(xs, [x[field] for _, x in pts], ls, color=colours.get(srv, "tab:red"), marker=marker,
+                    label=key)
     for ax, title in zip(axes, ("throughput (records/s)", "p50 latency (ms)", "p99 latency (ms)"), strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xticks(clients, [str(c) for c in clients])
@@ -641,7 +661,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("concurrent clients")
         ax.set_title(title)
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=6)
     fig.suptitle(f"Online serving, {result['config']['model']} ({result['machine']['cpus']} CPU cores shared "
                  "by servers and load generator)", fontsize=10)
     fig.tight_layout()
@@ -649,41 +669,26 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
 
 def print_summary(result: dict[str, Any]) -> None:
-    print("\nin-process reference (1 ORT thread):")
-    print(f"  {'what':<10} {'batch':>5} {'rec/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"\n== {result['config']['model']}")
+    print("in-process reference:")
     for r in result["inprocess"]:
-        print(f"  {r['what']:<10} {r['batch']:>5} {r['records_per_s']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
-    print("\ncells (one record per request; cores: load generator / server under test / rest of machine):")
-    print(f"  {'target':<22} {'clients':>7} {'rec/s':>8} {'p50 ms':>8} {'p99 ms':>9} {'batch':>6} "
-          f"{'client':>6} {'server':>6} {'others':>6} {'errors':>6}")
+        print(f"  {r['what']:<10} batch {r['batch']:>3} {r['records_per_s']:>9.0f} rec/s  p50 {r['p50_ms']:.2f} ms")
+    print("cells (one record per request):")
     for c in result["cells"]:
         mb = f"{c['mean_batch']:.1f}" if c["mean_batch"] else "-"
         p50 = f"{c['p50_ms']:.2f}" if c["p50_ms"] is not None else "-"
-        p99 = f"{c['p99_ms']:.2f}" if c["p99_ms"] is not None else "-"
-        print(f"  {c['target']:<22} {c['clients']:>7} {c['records_per_s']:>8.0f} {p50:>8} {p99:>9} {mb:>6} "
-              f"{c['cores']['client']:>6.2f} {c['cores']['server']:>6.2f} {c['cores']['others']:>6.2f} "
-              f"{c['errors']:>6}")
+        cpu = f"{c['server_cpu_ms_per_request']:.2f}" if c.get("server_cpu_ms_per_request") else "-"
+        print(f"  {c['target']:<26} {c['clients']:>3} clients {c['records_per_s']:>7.0f} rec/s  p50 {p50:>7} ms  "
+              f"batch {mb:>5}  server CPU {cpu} ms/req  errors {c['errors']}")
     r = result["ratios"]
-    print("\nbatched / unbatched throughput:")
-    for srv, by in r["batching_speedup"].items():
-        print(f"  {srv:<7} " + "  ".join(f"{k} clients {v:.2f}x" for k, v in by.items()))
-    print("Ray Serve / Triton (throughput):")
-    for mode, by in r["ray_over_triton"].items():
-        print(f"  {mode:<9} " + "  ".join(f"{k} clients {v['throughput']:.2f}" for k, v in by.items()))
-    if r["ray_vs_echo"]:
-        print("Ray Serve /v2 (unbatched) vs the no-model echo app: " + "  ".join(
-            f"{k} clients {v['throughput']:.2f}x throughput, {v['server_cpu_ms_per_request']:.1f} vs "
-            f"{v['echo_server_cpu_ms_per_request']:.1f} server CPU ms/request" for k, v in r["ray_vs_echo"].items()))
-    print("Ray Serve over in-process:", json.dumps({k: round(v, 3) for k, v in r["ray_over_inprocess"].items()}))
-    a = r["aims"]
-    b4 = a["batching_4x_at_top_clients"]
-    print(f"aim: batching >= 4x at {b4['clients']} clients: "
-          + ", ".join(f"{s} {v:.2f}x ({'met' if b4['met'][s] else 'missed'})"
-                      for s, v in b4["speedup"].items() if v is not None))
-    w = a["ray_within_20pct_of_triton"]
-    if w["throughput_ratio"] is not None:
-        print(f"aim: Ray Serve within 20% of Triton at {w['clients']} clients (batched): "
-              f"{w['throughput_ratio']:.2f} ({'met' if w['met'] else 'missed'})")
+    for key in ("batching_speedup", "ray_over_triton", "throughput_mode_on_over_off"):
+        print(f"{key}:")
+        for sub, by in r[key].items():
+            print(f"  {sub:<22} " + "  ".join(f"{k}: {v:.2f}" for k, v in by.items()))
+    print("ray over in-process:", json.dumps({k: round(v, 3) for k, v in r["ray_over_inprocess"].items()}))
+    for a in r["aims"]:
+        v = "-" if a["value"] is None else f"{a['value']:.2f}"
+        print(f"aim {a['name']}: {v} (target {a['target']}) {'met' if a['met'] else 'MISSED'}")
 
 
 # -- main --------------------------------------------------------------------------------------------------------
@@ -695,18 +700,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 1 and 8 clients, 1 s warm-up, 2 s windows, 64 records")
-    ap.add_argument("--workload", default="retail", help="built-in workload whose demo model is served "
-                    "(default retail)")
-    ap.add_argument("--package", help="an exported model package to serve instead of the demo model "
+    ap.add_argument("--models", default="small,production",
+                    help="small (the demo's retail model) and/or production (bench/models.py: MiniLM text + "
+                    "ResNet-18-sized image tower, trained briefly, cached); default both")
+    ap.add_argument("--throughput-modes", default="on,off",
+                    help="Ray Serve throughput mode(s) to measure, the first also against Triton (default on,off)")
+    ap.add_argument("--package", help="an exported model package to serve instead of --models "
                     "(needs the onnx-fp32 variant)")
     ap.add_argument("--clients", default="1,8,32,64", help="concurrent clients per cell (default 1,8,32,64)")
     ap.add_argument("--v1-clients", default="1,64",
                     help="client counts for Ray Serve's /v1 records endpoint (default 1,64; '' skips)")
-    ap.add_argument("--echo-clients", default="1,8,64",
+    ap.add_argument("--echo-clients", default="64",
                     help="client counts for the no-model Ray Serve baseline (bench/serve_echo.py; default 1,8,64; "
                     "'' skips)")
-    ap.add_argument("--duration", type=float, default=6.0, help="measured seconds per cell (default 6)")
-    ap.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per cell (default 2)")
+    ap.add_argument("--duration", type=float, default=3.0, help="measured seconds per cell (default 3)")
+    ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per cell (default 1)")
     ap.add_argument("--records", type=int, default=256, help="distinct sample records cycled (default 256)")
     ap.add_argument("--max-batch-size", type=int, default=64, help="dynamic batching: rows per engine call "
                     "(default 64, both servers)")
@@ -721,7 +729,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.quick:
         args.clients, args.v1_clients, args.echo_clients = "1,8", "8", "8"
-        args.duration, args.warmup, args.records = 2.0, 1.0, 64
+        args.duration, args.warmup, args.records, args.models = 1.0, 0.5, 64, "small"
     return args
 
 
@@ -760,49 +768,56 @@ def prepare_data(pkg_dir: Path, records: int, threads: int, data_dir: Path, work
     return predictor, raws, prepared
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    servers = [s for s in args.servers.split(",") if s]
-    unknown = set(servers) - {"ray", "triton"}
-    if unknown or not servers:
-        print(f"error: --servers takes ray and/or triton, got {args.servers!r}", file=sys.stderr)
-        return 2
-    clients, v1_clients, echo_clients = _ints(args.clients), _ints(args.v1_clients), _ints(args.echo_clients)
-    wait_s = args.batch_wait_ms / 1e3
-    args.out.mkdir(parents=True, exist_ok=True)
-    t_start = time.monotonic()
+def _targets_ray(srv: RayServe, mode: str, pkg: Any) -> list[Target]:
+    out = []
+    srv_key = f"ray-tm-{mode}"
+    for prefix, app, batching in ((RAY_BATCHED, "batched", True), (RAY_UNBATCHED, "unbatched", False)):
+        base = f"127.0.0.1:{srv.port}{prefix}"
+        metrics = f"http://{base}/metrics"
+        out.append(Target(f"{srv_key}/http/{app}", srv_key, "v2", batching, base, pkg.name, metrics, srv.proc.pid))
+        out.append(Target(f"{srv_key}/grpc/{app}", srv_key, "v2", batching, f"127.0.0.1:{srv.grpc_port}",
+                          pkg.name, metrics, srv.proc.pid, protocol="grpc", app=app))
+        out.append(Target(f"{srv_key}/v1/{app}", srv_key, "v1", batching, base, pkg.spec.name, metrics,
+                          srv.proc.pid))
+    out.append(Target(f"{srv_key}/echo", srv_key, "echo", False, f"127.0.0.1:{srv.port}{RAY_ECHO}", "", "",
+                      srv.proc.pid))
+    return out
 
+
+def run_model(args: argparse.Namespace, which: str, work: Path) -> dict[str, Any]:
+    """Every cell for one model: Triton throughout, Ray Serve once per throughput mode."""
     from pipeline.package import load_package
 
-    work = Path(tempfile.mkdtemp(prefix="mmpipe-bench-serving-"))
-    ray_srv: RayServe | None = None
+    clients, v1_clients, echo_clients = _ints(args.clients), _ints(args.v1_clients), _ints(args.echo_clients)
+    modes = [m for m in args.throughput_modes.split(",") if m]
+    wait_s = args.batch_wait_ms / 1e3
+    t_start = time.monotonic()
+    if args.package:
+        src = Path(args.package)
+    else:
+        from bench.models import production_package, small_package
+
+        print(f"model: {which} (built once, then cached)", flush=True)
+        src = small_package() if which == "small" else production_package()
+    pkg_dir = work / "package"
+    shutil.copytree(src, pkg_dir)  # the cache may be rebuilt under us by another run
+    pkg = load_package(pkg_dir)
+    data_dir = work / "data"
+    data_dir.mkdir()
+    predictor, raws, prepared = prepare_data(pkg_dir, args.records, args.threads, data_dir, pkg.spec.name)
+    print("in-process reference ...", flush=True)
+    ref = inprocess(predictor, raws, prepared, [1, 8, 32, args.max_batch_size], max(1.0, args.duration / 2))
+    predictor.close()
+
     triton_srv: Any = None
     gen_proc = None
+    cells: list[dict[str, Any]] = []
+    checks: list[dict[str, Any]] = []
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
     try:
-        if args.package:
-            src = Path(args.package)
-        else:
-            from pipeline.spec import load_workload
-            from pipeline.tooling import demo
-
-            print(f"model: the demo's {args.workload} package (trained and exported once, then cached)", flush=True)
-            src, _ = demo.cached_package(load_workload(args.workload))
-        pkg_dir = work / "package"
-        shutil.copytree(src, pkg_dir)  # the cache may be rebuilt under us by another run
-        pkg = load_package(pkg_dir)
-        if "onnx-fp32" not in pkg.manifest.variants:
-            print(f"error: package {src} has no onnx-fp32 variant (mmpipe export --package ...)", file=sys.stderr)
-            return 2
-        data_dir = work / "data"
-        data_dir.mkdir()
-        predictor, raws, prepared = prepare_data(pkg_dir, args.records, args.threads, data_dir, pkg.spec.name)
-
-        print("starting servers (Ray Serve, tritonserver) ...", flush=True)
-        if "ray" in servers:
-            ray_srv = start_ray(pkg_dir, work, args.num_cpus, args.max_batch_size, wait_s, args.threads, pkg.name)
-        targets: list[Target] = []
-        if "triton" in servers:
+        triton_targets: list[Target] = []
+        if "triton" in args.servers:
             from deploy.triton import server as ts
 
             repo = work / "triton-repo"
@@ -810,26 +825,11 @@ def main(argv: list[str] | None = None) -> int:
             (work / "triton").mkdir()
             triton_srv = ts.start_server(repo, list(models), work / "triton", timeout_s=300)
             for m, batching in zip(models, (True, False), strict=True):
-                targets.append(Target(f"triton/v2/{'batched' if batching else 'unbatched'}", "triton", "v2",
-                                      batching, triton_srv.http_url, m, triton_srv.metrics_url,
-                                      triton_srv.proc.pid))
-        if ray_srv is not None:
-            wait_ray(ray_srv)
-            for prefix, batching in ((RAY_BATCHED, True), (RAY_UNBATCHED, False)):
                 mode = "batched" if batching else "unbatched"
-                base = f"127.0.0.1:{ray_srv.port}{prefix}"
-                metrics = f"http://{base}/metrics"
-                targets.append(Target(f"ray/v2/{mode}", "ray", "v2", batching, base, pkg.name, metrics,
-                                      ray_srv.proc.pid))
-                targets.append(Target(f"ray/v1/{mode}", "ray", "v1", batching, base, pkg.spec.name, metrics,
-                                      ray_srv.proc.pid))
-            targets.append(Target("ray/echo", "ray", "echo", False, f"127.0.0.1:{ray_srv.port}{RAY_ECHO}", "",
-                                  "", ray_srv.proc.pid))
-        trees = {t.server: t.tree_pid for t in targets}
-        print(f"servers ready after {time.monotonic() - t_start:.0f}s", flush=True)
-
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
+                triton_targets.append(Target(f"triton/http/{mode}", "triton", "v2", batching, triton_srv.http_url,
+                                             m, triton_srv.metrics_url, triton_srv.proc.pid))
+                triton_targets.append(Target(f"triton/grpc/{mode}", "triton", "v2", batching, triton_srv.grpc_url,
+                                             m, triton_srv.metrics_url, triton_srv.proc.pid, protocol="grpc"))
         gen_proc = ctx.Process(target=loadgen_main, args=(child, str(data_dir)), name="mmpipe-loadgen")
         gen_proc.start()
 
@@ -840,67 +840,36 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"load generator: {payload}")
             return payload
 
-        checks = [call("check", t) for t in targets]
-        for c in checks:
-            diff = "" if c["max_abs_logit_diff"] is None else f", max |dlogit| {c['max_abs_logit_diff']:.1e}"
-            print(f"check {c['target']:<20} {'ok' if c['ok'] else 'FAILED'} ({c['records']} records{diff})",
-                  flush=True)
-        if not all(c["ok"] for c in checks):
-            print("error: a server does not compute the in-process model's outputs; not measuring", file=sys.stderr)
-            return 1
-
-        print("in-process reference ...", flush=True)
-        ref = inprocess(predictor, raws, prepared, [1, 8, 32, args.max_batch_size], max(1.0, args.duration / 2))
-        predictor.close()
-
-        cells: list[dict[str, Any]] = []
-        v2 = [t for t in targets if t.api == "v2"]
-        v1 = [t for t in targets if t.api == "v1"]
-        echo = [t for t in targets if t.api == "echo"]
-        for n in clients:
-            # Alternate the order per client count so neither server always goes first.
-            order = v2 if n % 2 == 0 else list(reversed(v2))
-            for t in order + [t for t in v1 if n in v1_clients] + [t for t in echo if n in echo_clients]:
-                c = call("cell", t, clients=n, warmup_s=args.warmup, duration_s=args.duration, trees=trees)
-                cells.append(c)
-                p50 = f"{c['p50_ms']:.1f}" if c["p50_ms"] is not None else "-"
-                print(f"  {t.key:<20} {n:>3} clients: {c['records_per_s']:7.0f} rec/s  p50 {p50} ms  "
-                      f"errors {c['errors']}", flush=True)
-        for n in sorted(set(v1_clients + echo_clients) - set(clients)):
-            for t in [t for t in v1 if n in v1_clients] + [t for t in echo if n in echo_clients]:
-                cells.append(call("cell", t, clients=n, warmup_s=args.warmup, duration_s=args.duration,
-                                  trees=trees))
-
-        result: dict[str, Any] = {
-            "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                        "loadavg_at_end": os.getloadavg()},
-            "config": {
-                "model": f"{pkg.name} (version {pkg.version}, onnx-fp32, {pkg.spec.name} workload)",
-                "clients": clients, "v1_clients": v1_clients, "echo_clients": echo_clients,
-                "duration_s": args.duration,
-                "warmup_s": args.warmup, "records": len(raws), "max_batch_size": args.max_batch_size,
-                "batch_wait_ms": args.batch_wait_ms, "ort_threads": args.threads, "ray_num_cpus": args.num_cpus,
-                "quick": args.quick,
-                "budget": (f"each server: one model instance, {args.threads} ONNX Runtime intra-op thread(s); "
-                           f"Ray local cluster num_cpus={args.num_cpus}; server HTTP/routing threads and the "
-                           "load generator unpinned on the same cores"),
-            },
-            "checks": checks,
-            "inprocess": ref,
-            "cells": cells,
-            "elapsed_s": time.monotonic() - t_start,
-        }
-        result["ratios"] = ratios(result)
-        stem = "serving-quick" if args.quick else "serving"
-        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-        chart(result, args.out / f"{stem}.png")
-        print_summary(result)
-        print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')} "
-              f"in {time.monotonic() - t_start:.0f}s")
-        errors = sum(c["errors"] for c in cells)
-        if errors:
-            print(f"warning: {errors} requests failed (see error_samples in the JSON)", file=sys.stderr)
-        return 0
+        for mode in modes if "ray" in args.servers else [None]:
+            ray_srv = None
+            try:
+                targets = list(triton_targets) if mode == modes[0] or mode is None else []
+                if mode is not None:
+                    ray_srv = start_ray(pkg_dir, work, args.num_cpus, args.max_batch_size, wait_s, args.threads,
+                                        mode)
+                    wait_ray(ray_srv)
+                    targets += _targets_ray(ray_srv, mode, pkg)
+                trees = {t.server: t.tree_pid for t in [*triton_targets, *targets]}
+                for t in targets:
+                    c = call("check", t)
+                    checks.append(c)
+                    if not c["ok"]:
+                        raise RuntimeError(f"{t.key} does not compute the in-process model's outputs: {c}")
+                v2 = [t for t in targets if t.api == "v2"]
+                for n in sorted(set(clients + v1_clients + echo_clients)):
+                    order = v2 if n % 2 == 0 else list(reversed(v2))
+                    chosen = ([t for t in order if n in clients]
+                              + [t for t in targets if t.api == "v1" and n in v1_clients]
+                              + [t for t in targets if t.api == "echo" and n in echo_clients])
+                    for t in chosen:
+                        c = call("cell", t, clients=n, warmup_s=args.warmup, duration_s=args.duration, trees=trees)
+                        cells.append(c)
+                        p50 = f"{c['p50_ms']:.1f}" if c["p50_ms"] is not None else "-"
+                        print(f"  {t.key:<26} {n:>3} clients: {c['records_per_s']:7.0f} rec/s  p50 {p50} ms  "
+                              f"errors {c['errors']}", flush=True)
+            finally:
+                if ray_srv is not None:
+                    ray_srv.stop()
     finally:
         if gen_proc is not None:
             with contextlib.suppress(Exception):
@@ -908,11 +877,52 @@ def main(argv: list[str] | None = None) -> int:
             gen_proc.join(10)
             if gen_proc.is_alive():
                 gen_proc.terminate()
-        if ray_srv is not None:
-            ray_srv.stop()
         if triton_srv is not None:
             triton_srv.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    result: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "loadavg_at_end": os.getloadavg(),
+                    "shared": "other engineers' test runs shared these cores during the run"},
+        "config": {
+            "model": f"{which}: {pkg.name} (version {pkg.version}, onnx-fp32, {pkg.spec.name} workload)",
+            "clients": clients, "v1_clients": v1_clients, "echo_clients": echo_clients,
+            "throughput_modes": modes, "duration_s": args.duration, "warmup_s": args.warmup,
+            "records": len(raws), "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
+            "ort_threads": args.threads, "ray_num_cpus": args.num_cpus,
+            "budget": (f"each server: one model instance, {args.threads} ONNX Runtime intra-op thread(s); "
+                       f"Ray local cluster num_cpus={args.num_cpus}; server HTTP/routing threads and the "
+                       "load generator unpinned on the same cores"),
+        },
+        "checks": checks, "inprocess": ref, "cells": cells, "elapsed_s": time.monotonic() - t_start,
+    }
+    result["ratios"] = ratios(result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args.servers = [s for s in args.servers.split(",") if s]
+    if set(args.servers) - {"ray", "triton"} or not args.servers:
+        print("error: --servers takes ray and/or triton", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs, aims = [], []
+    for which in [m for m in args.models.split(",") if m]:
+        work = Path(tempfile.mkdtemp(prefix="mmpipe-bench-serving-"))
+        try:
+            result = run_model(args, which, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        runs.append(result)
+        aims += [{**a, "name": f"{which}: {a['name']}"} for a in result["ratios"]["aims"]]
+        print_summary(result)
+    stem = "serving-quick" if args.quick else "serving"
+    doc = {"aims": aims, "runs": runs}
+    (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=2))
+    chart(runs[0], args.out / f"{stem}.png")
+    print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
+    return 0
 
 
 if __name__ == "__main__":

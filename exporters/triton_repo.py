@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.errors import PackageError
+from pipeline.oip import PREPROCESS_OUTPUTS, RECORD, TOKEN_OFFSETS  # the runtime's names, one home
 
 if TYPE_CHECKING:
     from pipeline.package import ModelPackage
@@ -62,9 +63,6 @@ InstanceKind = Literal["auto", "gpu", "cpu"]
 DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy" / "triton"
 """Python-backend model sources, copied into each repository."""
 
-PREPROCESS_OUTPUTS = ("VALID", "ERROR", "ERROR_MESSAGE")
-TOKEN_OFFSETS = "TOKEN_OFFSETS"
-RECORD = "RECORD"
 
 _DTYPES = {
     "float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "int64": "TYPE_INT64",
@@ -367,7 +365,7 @@ def build_triton_repo(
             "version_policy": policy, "input": cpu_inputs, "output": outputs, "dynamic_batching": batching,
             "instance_group": [{"name": f"{name}_cpu", "kind": Enum("KIND_CPU"), "count": cpu_instance_count}],
             "parameters": [_param("MODEL_FILE", "model.onnx"), _param("PAD_ID", str(pad_id)),
-                           _param("ORT_INTRA_OP_THREADS", "0")],
+                           _param("ORT_INTRA_OP_THREADS", "0"), _param("MMPIPE_PYTHONPATH", pypath)],
             "model_warmup": warm,
         }
     pre_outputs = [_tensor(t.name, t.dtype, _dims(t.shape, seq_len)) for t in sig.inputs]

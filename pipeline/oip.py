@@ -443,6 +443,20 @@ def validate_inputs(
 
 
 # -- responses ------------------------------------------------------------------------------
+def tensor_from_bytes(name: str, datatype: str, shape: Sequence[int], data: bytes | memoryview) -> np.ndarray:
+    """A tensor from its raw little-endian bytes (HTTP binary data, gRPC
+    ``raw_input_contents``); checks the size against the shape."""
+    dtype_of(datatype)
+    return _binary_data(name, datatype, _shape(name, list(shape)), memoryview(data))
+
+
+def tensor_to_bytes(arr: np.ndarray) -> tuple[str, bytes]:
+    """(datatype, raw bytes) of a tensor, as HTTP binary data and gRPC
+    ``raw_output_contents`` carry it."""
+    datatype = datatype_of(arr.dtype)
+    return datatype, _to_binary(arr, datatype)
+
+
 def _to_binary(arr: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES":
         return serialize_bytes(arr)
@@ -519,3 +533,86 @@ def error_body(message: str) -> bytes:
     """The protocol's error body, which tritonclient turns into an
     ``InferenceServerException`` with this message."""
     return json.dumps({"error": message}).encode()
+
+
+# -- the records ensemble (NAME_ensemble on Triton and on Serve) ----------------------------------------------
+RECORD = "RECORD"
+"""The ensemble's one input: a BYTES ``[batch, 1]`` tensor of raw record JSON."""
+PREPROCESS_OUTPUTS = ("VALID", "ERROR", "ERROR_MESSAGE")
+"""What the ensemble adds to the model's outputs for every row: accepted?,
+reason code and message (empty when accepted)."""
+TOKEN_OFFSETS = "TOKEN_OFFSETS"
+"""``[batch, max_length, 2]`` character span of every token, for models with a token head."""
+ENSEMBLE_SUFFIX = "_ensemble"
+"""``NAME_ensemble`` takes raw records (Triton's ensemble, and its twin on Serve)."""
+
+
+def ensemble_features(pre: Any, batch: Any, seq_len: int | None,
+                      dims: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+    """The ensemble's per-row tensors for a decoded batch: the model's inputs
+    with text padded to the model's full length ``seq_len`` (so every
+    request has one shape and requests batch together), a rejected record as
+    a zero row with an all-zero presence mask, plus ``VALID`` / ``ERROR`` /
+    ``ERROR_MESSAGE`` and, with text, ``TOKEN_OFFSETS``.
+
+    ``pre`` is the package's :class:`~pipeline.preprocess.Preprocessor` and
+    ``batch`` a :class:`~pipeline.columnar.ColumnarBatch` (``Predictor.decode``);
+    the padding is the batch's own rule (``fixed_length``).  ``dims``: per-row
+    dims of each model input, when the caller knows them already."""
+    from dataclasses import replace as _replace
+
+    from pipeline.columnar import pad_to
+
+    n = batch.size
+    fixed = _replace(batch, fixed_length=seq_len) if seq_len is not None else batch
+    feeds = pre.feeds(fixed) if len(batch) else {}
+    ids_name = pre.input_name("text.input_ids") if pre.text is not None else None
+    out: dict[str, np.ndarray] = {}
+    for t in pre.inputs or []:
+        row_dims = list(dims[t.name]) if dims is not None else [
+            seq_len if d == "sequence" else int(d) for d in t.shape[1:]]
+        fill = pre.text.pad_id if t.name == ids_name else 0
+        arr = np.full((n, *row_dims), fill, dtype=np.dtype(t.dtype))
+        if t.name in feeds:
+            arr[batch.positions] = feeds[t.name]
+        out[t.name] = arr
+    valid, error, message = PREPROCESS_OUTPUTS
+    out[valid] = np.zeros((n, 1), dtype=bool)
+    out[valid][batch.positions] = True
+    out[error] = np.full((n, 1), b"", dtype=object)
+    out[message] = np.full((n, 1), b"", dtype=object)
+    rej = batch.rejected
+    for pos, code, msg in zip(rej.positions.tolist(), rej.codes, rej.messages, strict=True):
+        out[error][pos, 0], out[message][pos, 0] = code.encode(), msg.encode()
+    if seq_len is not None:
+        offsets = np.zeros((n, seq_len, 2), dtype=np.int64)
+        if len(batch) and batch.offsets is not None:
+            offsets[batch.positions] = pad_to(batch.offsets, 1, seq_len, 0)[:, :seq_len]
+        out[TOKEN_OFFSETS] = offsets
+    return out
+
+
+# -- model configuration (GET /v2/models/NAME/config, gRPC ModelConfig) ----------------------------------------
+_CONFIG_TYPES = {"BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
+                 "UINT64": "TYPE_UINT64", "INT8": "TYPE_INT8", "INT16": "TYPE_INT16", "INT32": "TYPE_INT32",
+                 "INT64": "TYPE_INT64", "FP16": "TYPE_FP16", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64",
+                 "BYTES": "TYPE_STRING"}
+
+
+def model_config(name: str, platform: str, inputs: Iterable[TensorSpecLike], outputs: Iterable[TensorSpecLike],
+                 *, max_batch_size: int, preferred: Sequence[int] = (), delay_us: int = 0) -> dict[str, Any]:
+    """A model's configuration in Triton's JSON form (the ``ModelConfig``
+    protobuf as JSON, what ``GET /v2/models/NAME/config`` answers): the
+    batch axis is implied by ``max_batch_size``, variable dims are -1."""
+
+    def tensor(t: TensorSpecLike) -> dict[str, Any]:
+        dims = [d if isinstance(d, int) else -1 for d in t.shape[1:]]
+        return {"name": t.name, "data_type": _CONFIG_TYPES[datatype_of(t.dtype)], "dims": dims}
+
+    cfg: dict[str, Any] = {
+        "name": name, "platform": platform, "backend": "", "max_batch_size": max_batch_size,
+        "input": [tensor(t) for t in inputs], "output": [tensor(t) for t in outputs],
+    }
+    if preferred or delay_us:
+        cfg["dynamic_batching"] = {"preferred_batch_size": list(preferred), "max_queue_delay_microseconds": delay_us}
+    return cfg

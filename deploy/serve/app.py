@@ -1,23 +1,12 @@
 """``deploy.serve.app:build_app``: the application a Serve config names.
 
-One deployment per model package, plus an ingress that routes by model
-name — chosen over Serve's model multiplexing because:
-
-* each model gets its own autoscaling, replica count and GPU fraction
-  (``ray_actor_options.num_gpus``): a busy retail model can scale out while
-  a rarely used medical one idles at one replica, and a big model can hold
-  a larger GPU share than a small one;
-* every model is loaded and checksum-verified when its replicas start, so
-  readiness means "can answer now"; multiplexing loads on first request and
-  evicts under pressure, turning a cold model into a latency spike or a
-  load failure in the middle of serving;
-* dynamic batching stays per model (``@serve.batch`` merges calls of one
-  signature; a multiplexed replica would have to keep a queue per model);
-* a Serve config's ``deployments`` entries name them (``ingress``, then one
-  per model name), so operators tune each one in YAML as Ray documents it.
-
-Multiplexing pays off with many rarely used models sharing few GPUs; mmpipe
-serves a handful of workloads, each busy.
+One deployment, ``server``, holds every model of the application and
+answers HTTP and gRPC itself: a request goes proxy -> replica -> engine, one
+hop (``deploy/serve/README.md`` says why and what it measured).  Each model
+keeps its own dynamic batching; readiness is per model (a model whose
+package fails to load answers 503, the others serve).  Models that need
+their own replica count, autoscaling or GPU share are served as their own
+applications (each its own ``route_prefix``), which Serve scales apart.
 
 ``args`` (see :class:`deploy.serve.config.AppArgs`)::
 
@@ -39,8 +28,7 @@ from typing import Any
 from ray.serve import Application
 
 from deploy.serve.config import AppArgs, ModelRoute, resolve_settings
-from deploy.serve.ingress import Ingress
-from deploy.serve.model import ModelServer
+from deploy.serve.ingress import Server
 from pipeline.errors import ConfigError
 
 
@@ -54,7 +42,7 @@ def _route(m: Any) -> ModelRoute:
         manifest = read_manifest(Path(m.package))
         name = name or manifest.name
         workload = workload or manifest.workload.name
-    return ModelRoute(name=name, workload=workload, deployment=name)
+    return ModelRoute(package=m.package, name=name, workload=workload)
 
 
 def build_app(args: dict[str, Any] | AppArgs) -> Application:
@@ -65,8 +53,6 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     routes = [_route(m) for m in parsed.models]
     seen: dict[str, str] = {}
     for r in routes:
-        if r.name == "ingress":
-            raise ConfigError("a model may not be named 'ingress' (the ingress deployment's name)")
         if r.name in seen.values():
             raise ConfigError(f"two packages are served as model {r.name!r}: give one a 'name'")
         if r.workload in seen:
@@ -75,8 +61,4 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
                 f"/v1/{r.workload}/predict would be ambiguous: serve them in separate applications"
             )
         seen[r.workload] = r.name
-    models = {
-        r.name: ModelServer.options(name=r.deployment).bind(m.package, r.name, r.workload, settings)
-        for r, m in zip(routes, parsed.models, strict=True)
-    }
-    return Ingress.bind(models, [r.model_dump() for r in routes], settings)
+    return Server.bind([r.model_dump() for r in routes], settings)

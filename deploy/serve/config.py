@@ -15,13 +15,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.config import Limits, MediaConfig, Settings, load_settings
+from pipeline.oip import ENSEMBLE_SUFFIX  # noqa: F401  (re-exported: NAME_ensemble takes raw records)
 
-INGRESS = "ingress"
-"""Deployment name of the HTTP ingress (what a Serve config's ``deployments`` entry names)."""
-
-ENSEMBLE_SUFFIX = "_ensemble"
-"""``NAME_ensemble`` takes raw records as a BYTES ``RECORD`` tensor, like the
-Triton ensemble ``exporters.triton_repo`` writes."""
+SERVER = "server"
+"""Deployment name of the server (HTTP + gRPC + the models; what a Serve
+config's ``deployments`` entry names)."""
 
 
 class _Strict(BaseModel):
@@ -29,12 +27,12 @@ class _Strict(BaseModel):
 
 
 class ModelArgs(_Strict):
-    """One model package to serve; each becomes its own deployment."""
+    """One model package to serve."""
 
     package: str = Field(description="model package directory (absolute, or relative to where the app is built)")
     name: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$",
-        description="served model name and deployment name; default: the package's name (as Triton names it)",
+        description="served model name; default: the package's name (as Triton names it)",
     )
     workload: str | None = Field(
         None, description="workload of /v1/{workload}/predict; default: the package's workload",
@@ -42,8 +40,8 @@ class ModelArgs(_Strict):
 
 
 class UserConfig(_Strict):
-    """A model deployment's ``user_config``: applied by ``reconfigure`` without
-    restarting replicas, so batching can be tuned on a live service."""
+    """The server deployment's ``user_config``: applied by ``reconfigure``
+    without restarting replicas, so batching can be tuned on a live service."""
 
     max_batch_size: int = Field(16, ge=1, le=4096, description="requests merged into one engine call at most")
     batch_wait_timeout_s: float = Field(
@@ -70,17 +68,16 @@ class AppArgs(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"model names must be unique; repeated: {sorted(dup)}")
-        if INGRESS in names:
-            raise ValueError(f"{INGRESS!r} is the ingress deployment's name; pick another model name")
         return self
 
 
 class ModelRoute(_Strict):
-    """What the ingress knows of a model deployment (no package loading)."""
+    """A served model: its package, name and workload (read from the
+    manifest when the args do not say)."""
 
+    package: str
     name: str
     workload: str
-    deployment: str
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

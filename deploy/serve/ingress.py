@@ -1,17 +1,21 @@
-"""The HTTP ingress: Open Inference Protocol (KServe v2), a friendly records
-API, health and metrics.  It routes by model name to the model deployments
-and holds no model itself, so it stays small and scales on request count.
+"""The server deployment: Open Inference Protocol (KServe v2) on HTTP and
+gRPC, a friendly records API, health and metrics, answered by the replica
+that holds the models (one hop: proxy -> this replica; see
+``deploy/serve/README.md`` for why ingress and models live in one
+deployment).
 
 Routes (``NAME`` is a served model, ``WORKLOAD`` its workload):
 
     GET  /v2/health/live | /v2/health/ready | /v2
     GET  /v2/models/NAME[/versions/V][/ready]
+    GET  /v2/models/NAME[/versions/V]/config               Triton's JSON model configuration
     POST /v2/models/NAME[/versions/V]/infer            model tensors -> logits
     POST /v2/models/NAME_ensemble[/versions/V]/infer   RECORD bytes -> logits, VALID, ERROR
     POST /v1/WORKLOAD/predict                          records (JSON or multipart) -> Results
     GET  /metrics                                      mmpipe_* of every replica (Prometheus)
 
-Protocol errors answer ``{"error": "..."}`` as Triton does (tritonclient
+gRPC: Triton's ``GRPCInferenceService`` (:mod:`deploy.serve.grpc_oip`).
+Protocol errors, unknown routes included, answer ``{"error": "..."}`` as Triton does (tritonclient
 raises them as ``InferenceServerException``); the friendly API answers
 ``{"error": {"code", "message"}}`` like a rejected record.  The body-size
 limit is enforced from ``Content-Length`` and again while the body streams
@@ -30,19 +34,30 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from ray import serve
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deploy.serve.config import ENSEMBLE_SUFFIX, INGRESS, ModelRoute, request_limits
-from deploy.serve.metrics_hub import exposition, get_hub
-from deploy.serve.model import Failure, TensorReply
+from deploy.serve import grpc_oip
+from deploy.serve.config import SERVER, ModelRoute, UserConfig, request_limits
+from deploy.serve.metrics_hub import Publisher, exposition, get_hub
+from deploy.serve.model import Failure, ModelRuntime
 from pipeline import __version__
 from pipeline.config import Settings
 from pipeline.errors import Reason
 from pipeline.log import log_event, setup_logging
-from pipeline.oip import HEADER_LENGTH, OipError, build_infer_response, error_body, parse_infer_request
+from pipeline.metrics import get_metrics
+from pipeline.oip import (
+    ENSEMBLE_SUFFIX,
+    HEADER_LENGTH,
+    OipError,
+    build_infer_response,
+    error_body,
+    parse_infer_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +67,25 @@ sends none; curl's ``-d`` default (form-urlencoded) is accepted for the same
 reason.  Anything else (an image, a multipart upload) is a client mistake: 415."""
 _MEDIA_FIELDS = ("image", "audio", "video")
 _JSON_FIELDS = ("tabular", "metadata")
-STATUS_TIMEOUT_S = 5.0
-"""How long readiness waits for a model replica to answer before calling it not ready."""
 _OFFLOAD_BYTES = 256 * 1024
 """Bodies above this are parsed and encoded in a worker thread, not on the event loop."""
 
 app = FastAPI(title="mmpipe", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _route_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """Unknown routes and methods answer the protocol's ``{"error": ...}``
+    (tritonclient cannot read FastAPI's ``{"detail": ...}``)."""
+    what = "no such route" if exc.status_code == 404 else str(exc.detail)
+    return Response(error_body(f"{what}: {request.method} {request.url.path}"), status_code=exc.status_code,
+                    media_type="application/json", headers=getattr(exc, "headers", None))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    return Response(error_body(f"malformed request: {request.method} {request.url.path}"), status_code=400,
+                    media_type="application/json")
 
 
 class HttpError(Exception):
@@ -142,74 +170,112 @@ def _json_records(body: bytes) -> tuple[list[Any], bool]:
                     Reason.BAD_RECORD.value)
 
 
+_SERVER_METADATA = {"name": "mmpipe", "version": __version__,
+                    "extensions": ["binary_tensor_data", "model_configuration"]}
+
+
+def _internal(exc: BaseException) -> str:
+    """Log where an unexpected failure happened (never what: exception
+    messages may quote request content) and the message to answer."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else None
+    log_event(logger, logging.ERROR, "request_failed", exc_type=type(exc).__name__, where=where)
+    return f"internal error ({type(exc).__name__})"
+
+
+def _json_lines_body(lines: list[bytes], single: bool) -> bytes:
+    """The /v1 answer from results already encoded once: one result, or ``{"results": [...]}``."""
+    return lines[0] if single else b'{"results":[' + b",".join(lines) + b"]}"
+
+
+def _replica_threads() -> int:
+    """One intra-op thread per CPU this replica reserved: replicas sharing a
+    node must not each spin up a thread per core."""
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+    return max(1, int(cpus))
+
+
 # Module-level helpers the class uses are defined above it: Serve pickles the
 # decorated class by value at decoration time, with the globals that exist then.
+# Replica count and autoscaling are left to the Serve config: set here, a
+# config's `num_replicas` would be silently overridden by this autoscaling.
 @serve.deployment(
-    name=INGRESS,
-    max_ongoing_requests=256,
-    ray_actor_options={"num_cpus": 0.5},
+    name=SERVER,
+    max_ongoing_requests=64,
+    ray_actor_options={"num_cpus": 1, "num_gpus": 0},
+    user_config=UserConfig().model_dump(),
+    health_check_period_s=10,
 )
 @serve.ingress(app)
-class Ingress:
-    """Routes requests to the model deployments (see the module docstring)."""
+class Server:
+    """Every model of the application, answering HTTP and gRPC itself (see the module docstring)."""
 
-    def __init__(self, models: dict[str, Any], routes: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    def __init__(self, routes: list[dict[str, Any]], settings: dict[str, Any]) -> None:
         cfg = Settings.model_validate(settings)
         setup_logging(cfg.log_level)
-        self.handles = models
         self.routes = {r["name"]: ModelRoute.model_validate(r) for r in routes}
         self.by_workload = {r.workload: r.name for r in self.routes.values()}
         limits = request_limits(cfg)
         self.max_body = limits.max_request_bytes
         self.max_records = limits.max_batch_records
-        self.app_name = serve.get_replica_context().app_name
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.metrics = get_metrics(self.registry)
+        threads = _replica_threads()
+        self.models = {r.name: ModelRuntime(r.package, r.name, r.workload, cfg, self.metrics, threads)
+                       for r in self.routes.values()}
+        self.user_config = UserConfig()
+        ctx = serve.get_replica_context()
+        self.app_name = ctx.app_name
+        self.publisher = Publisher(self.registry, ctx.app_name, f"{ctx.deployment}#{ctx.replica_tag}")
+        self.publisher.ensure_started()
         self._hub: Any = None
 
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply ``user_config`` (batching) to every model without a restart."""
+        self.user_config = UserConfig.model_validate(user_config or {})
+        for m in self.models.values():
+            m.reconfigure(self.user_config)
+        log_event(logger, logging.INFO, "batching_configured", max_batch_size=self.user_config.max_batch_size,
+                  batch_wait_timeout_s=self.user_config.batch_wait_timeout_s)
+
+    def check_health(self) -> None:
+        """Serve's health check: the replica is alive even when a model failed
+        to load (that model reports not ready and answers 503)."""
+
     # -- helpers --------------------------------------------------------------------------------
-    def _resolve(self, name: str) -> tuple[Any, str]:
-        """(handle, kind) of a served model name; ``NAME_ensemble`` takes records."""
-        if name in self.handles:
-            return self.handles[name], "model"
-        if name.endswith(ENSEMBLE_SUFFIX) and name[: -len(ENSEMBLE_SUFFIX)] in self.handles:
-            return self.handles[name[: -len(ENSEMBLE_SUFFIX)]], "ensemble"
-        raise HttpError(404, f"unknown model {name!r}; served: {sorted(self.handles)}", "unknown_model")
+    def _resolve(self, name: str) -> tuple[ModelRuntime, str]:
+        """(model, kind) of a served model name; ``NAME_ensemble`` takes records."""
+        if name in self.models:
+            return self.models[name], "model"
+        base = name[: -len(ENSEMBLE_SUFFIX)] if name.endswith(ENSEMBLE_SUFFIX) else None
+        if base in self.models:
+            return self.models[base], "ensemble"
+        raise HttpError(404, f"unknown model {name!r}; served: {sorted(self.models)}", "unknown_model")
 
-    async def _status(self, name: str) -> dict[str, Any]:
-        try:
-            # Bounded: with no replica up, a call would wait for one to start.
-            return await asyncio.wait_for(self.handles[name].status.remote(), STATUS_TIMEOUT_S)
-        except Exception as exc:  # an unreachable or silent replica is simply not ready
-            log_event(logger, logging.WARNING, "status_failed", model=name, exc_type=type(exc).__name__)
-            return {"name": name, "ready": False, "version": ""}
-
-    async def _checked(self, name: str, version: str | None) -> tuple[Any, str, dict[str, Any]]:
-        handle, kind = self._resolve(name)
-        status = await self._status(self._base(name, kind))
-        if version and status.get("ready") and version != status.get("version"):
-            raise HttpError(404, f"model {name!r} has no version {version!r}; serving {status.get('version')!r}",
+    def _checked(self, name: str, version: str | None) -> tuple[ModelRuntime, str]:
+        model, kind = self._resolve(name)
+        if version and model.ready and version != model.version:
+            raise HttpError(404, f"model {name!r} has no version {version!r}; serving {model.version!r}",
                             "unknown_model")
-        return handle, kind, status
+        return model, kind
 
-    @staticmethod
-    def _base(name: str, kind: str) -> str:
-        return name[: -len(ENSEMBLE_SUFFIX)] if kind == "ensemble" else name
+    def _not_ready(self) -> list[str]:
+        return sorted(n for n, m in self.models.items() if not m.ready)
 
     async def _guard(self, fn: Callable[[], Awaitable[Response]], friendly: bool = False) -> Response:
         """Map failures to responses; internal errors are logged by type only."""
         try:
             return await fn()
-        except HttpError as exc:
-            return _v1_error(exc.status, exc.code, exc.message) if friendly else _oip_error(exc.status, exc.message)
-        except OipError as exc:
-            return _v1_error(exc.status, "bad_request", exc.message) if friendly else _oip_error(exc.status,
-                                                                                                 exc.message)
+        except (HttpError, OipError) as exc:
+            code = exc.code if isinstance(exc, HttpError) else "bad_request"
+            return _v1_error(exc.status, code, exc.message) if friendly else _oip_error(exc.status, exc.message)
         except Exception as exc:
-            # Where, not what: exception messages may quote request content.
-            frames = traceback.extract_tb(exc.__traceback__)
-            where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else None
-            log_event(logger, logging.ERROR, "request_failed", exc_type=type(exc).__name__, where=where)
-            msg = f"internal error ({type(exc).__name__})"
+            msg = _internal(exc)
             return _v1_error(500, "internal", msg) if friendly else _oip_error(500, msg)
+        finally:
+            self.publisher.mark()
 
     # -- health and metadata ------------------------------------------------------------------
     @app.get("/v2/health/live")
@@ -218,50 +284,51 @@ class Ingress:
 
     @app.get("/v2/health/ready")
     async def ready(self) -> Response:
-        statuses = await asyncio.gather(*(self._status(n) for n in self.handles))
-        down = sorted(s["name"] for s in statuses if not s.get("ready"))
-        if down:
-            return _oip_error(503, f"models not ready: {down}")
-        return Response(status_code=200)
+        down = self._not_ready()
+        return _oip_error(503, f"models not ready: {down}") if down else Response(status_code=200)
 
     @app.get("/v2")
     async def server_metadata(self) -> Response:
-        return JSONResponse({"name": "mmpipe", "version": __version__, "extensions": ["binary_tensor_data"]})
+        return JSONResponse(_SERVER_METADATA)
 
     @app.get("/v2/models/{name}")
     async def model_metadata(self, name: str) -> Response:
-        return await self._metadata(name, None)
+        return await self._guard(lambda: self._described(name, None, "metadata"))
 
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_version_metadata(self, name: str, version: str) -> Response:
-        return await self._metadata(name, version)
+        return await self._guard(lambda: self._described(name, version, "metadata"))
 
-    async def _metadata(self, name: str, version: str | None) -> Response:
-        async def run() -> Response:
-            handle, kind, _ = await self._checked(name, version)
-            meta = await handle.metadata.remote(kind)
-            if isinstance(meta, Failure):
-                return _oip_error(meta.status, meta.message)
-            return JSONResponse(meta)
+    @app.get("/v2/models/{name}/config")
+    async def model_config(self, name: str) -> Response:
+        return await self._guard(lambda: self._described(name, None, "config"))
 
-        return await self._guard(run)
+    @app.get("/v2/models/{name}/versions/{version}/config")
+    async def model_version_config(self, name: str, version: str) -> Response:
+        return await self._guard(lambda: self._described(name, version, "config"))
+
+    def describe(self, name: str, version: str | None, what: str) -> dict[str, Any] | Failure:
+        """Metadata or configuration of a model (HTTP and gRPC alike)."""
+        model, kind = self._checked(name, version)
+        return model.metadata(kind) if what == "metadata" else model.config(kind, self.user_config)
+
+    async def _described(self, name: str, version: str | None, what: str) -> Response:
+        got = self.describe(name, version, what)
+        if isinstance(got, Failure):
+            return _oip_error(got.status, got.message)
+        return JSONResponse(got)
 
     @app.get("/v2/models/{name}/ready")
     async def model_ready(self, name: str) -> Response:
-        return await self._model_ready(name, None)
+        return await self._guard(lambda: self._model_ready(name, None))
 
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_version_ready(self, name: str, version: str) -> Response:
-        return await self._model_ready(name, version)
+        return await self._guard(lambda: self._model_ready(name, version))
 
     async def _model_ready(self, name: str, version: str | None) -> Response:
-        async def run() -> Response:
-            _, _, status = await self._checked(name, version)
-            if not status.get("ready"):
-                return _oip_error(503, f"model {name!r} is not ready")
-            return Response(status_code=200)
-
-        return await self._guard(run)
+        model, _ = self._checked(name, version)
+        return Response(status_code=200) if model.ready else _oip_error(503, f"model {name!r} is not ready")
 
     # -- inference --------------------------------------------------------------------------------
     @app.post("/v2/models/{name}/infer")
@@ -273,7 +340,7 @@ class Ingress:
         return await self._guard(lambda: self._infer(name, version, request))
 
     async def _infer(self, name: str, version: str | None, request: Request) -> Response:
-        handle, kind = self._resolve(name)
+        model, kind = self._resolve(name)
         ctype = _content_type(request)
         if ctype not in _INFER_TYPES:
             raise HttpError(415, f"Content-Type {ctype!r} is not accepted here; send JSON, or JSON followed by "
@@ -282,12 +349,11 @@ class Ingress:
         body = decode_content(body, request.headers.get("content-encoding"), self.max_body)
         req = await _offload(parse_infer_request, len(body), body, request.headers.get(HEADER_LENGTH))
         if version:
-            await self._checked(name, version)
+            self._checked(name, version)
         requested = [o.name for o in req.outputs] if req.outputs is not None else None
-        reply = await handle.infer.remote(kind, req.inputs, requested)
+        reply = await model.infer(kind, req.inputs, requested)
         if isinstance(reply, Failure):
             return _oip_error(reply.status, reply.message)
-        assert isinstance(reply, TensorReply)
         out, hlen = await _offload(
             lambda: build_infer_response(name, reply.model_version, reply.outputs, requested=req.outputs,
                                          binary_output=req.binary_output, request_id=req.id),
@@ -323,10 +389,10 @@ class Ingress:
         for rec in records:
             if isinstance(rec, dict):
                 rec.setdefault("workload", workload)
-        results = await self.handles[name].predict.remote(records)
-        if isinstance(results, Failure):
-            return _v1_error(results.status, "model_not_ready" if results.status == 503 else "error", results.message)
-        return JSONResponse(results[0] if single else {"results": results})
+        lines = await self.models[name].predict(records)
+        if isinstance(lines, Failure):
+            return _v1_error(lines.status, "model_not_ready" if lines.status == 503 else "error", lines.message)
+        return Response(_json_lines_body(lines, single), media_type="application/json")
 
     async def _form_record(self, request: Request, body: bytes) -> dict[str, Any]:
         """One record from a multipart upload: fields ``id``, ``text``,
@@ -366,7 +432,7 @@ class Ingress:
 
     # -- metrics --------------------------------------------------------------------------------------
     @app.get("/metrics")
-    async def metrics(self) -> Response:
+    async def metrics_endpoint(self) -> Response:
         async def run() -> Response:
             if self._hub is None:
                 self._hub = await asyncio.to_thread(get_hub, self.app_name)
@@ -379,3 +445,63 @@ class Ingress:
 
         return await self._guard(run)
 
+    # -- gRPC: Triton's GRPCInferenceService ------------------------------------------------------------
+    async def ServerLive(self, request: Any) -> Any:
+        return grpc_oip.service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any) -> Any:
+        return grpc_oip.service_pb2.ServerReadyResponse(ready=not self._not_ready())
+
+    async def ServerMetadata(self, request: Any) -> Any:
+        return grpc_oip.service_pb2.ServerMetadataResponse(**_SERVER_METADATA)
+
+    async def ModelReady(self, request: Any, grpc_context: Any) -> Any:
+        try:
+            model, _ = self._checked(request.name, request.version or None)
+        except HttpError as exc:
+            grpc_oip.abort(grpc_context, exc.status, exc.message)
+            return grpc_oip.service_pb2.ModelReadyResponse()
+        return grpc_oip.service_pb2.ModelReadyResponse(ready=model.ready)
+
+    async def ModelMetadata(self, request: Any, grpc_context: Any) -> Any:
+        return self._grpc_describe(request, grpc_context, "metadata")
+
+    async def ModelConfig(self, request: Any, grpc_context: Any) -> Any:
+        return self._grpc_describe(request, grpc_context, "config")
+
+    def _grpc_describe(self, request: Any, grpc_context: Any, what: str) -> Any:
+        empty = (grpc_oip.service_pb2.ModelMetadataResponse() if what == "metadata"
+                 else grpc_oip.service_pb2.ModelConfigResponse())
+        try:
+            got = self.describe(request.name, request.version or None, what)
+        except HttpError as exc:
+            grpc_oip.abort(grpc_context, exc.status, exc.message)
+            return empty
+        if isinstance(got, Failure):
+            grpc_oip.abort(grpc_context, got.status, got.message)
+            return empty
+        return grpc_oip.metadata_response(got) if what == "metadata" else grpc_oip.config_response(got)
+
+    async def ModelInfer(self, request: Any, grpc_context: Any) -> Any:
+        """The gRPC twin of ``POST /v2/models/NAME/infer``: same checks, same messages."""
+        try:
+            model, kind = self._checked(request.model_name, request.model_version or None)
+            inputs, requested = grpc_oip.parse_request(request)
+            reply = await model.infer(kind, inputs, requested)
+        except (HttpError, OipError) as exc:
+            reply = Failure(exc.status, exc.message)
+        except Exception as exc:
+            reply = Failure(500, _internal(exc))
+        finally:
+            self.publisher.mark()
+        if isinstance(reply, Failure):
+            grpc_oip.abort(grpc_context, reply.status, reply.message)
+            return grpc_oip.service_pb2.ModelInferResponse()
+        return grpc_oip.infer_response(request.model_name, reply.model_version, reply.outputs, request.id)
+
+    def __del__(self) -> None:
+        publisher = getattr(self, "publisher", None)
+        if publisher is not None:
+            publisher.close()
+        for m in getattr(self, "models", {}).values():
+            m.close()

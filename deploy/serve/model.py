@@ -1,26 +1,38 @@
-"""The model deployment: one model package, one Predictor, dynamic batching.
+"""One served model inside the server deployment: a package, a Predictor,
+dynamic batching.
 
-Each package served gets a deployment of its own (named after the model),
-so each has its own replicas, autoscaling and GPU fraction; the ingress
-routes to it by model name.  A replica takes three kinds of calls:
+The server deployment (:mod:`deploy.serve.ingress`) holds one
+:class:`ModelRuntime` per model it serves and answers HTTP and gRPC itself,
+so a request reaches the model in one hop.  A runtime takes three kinds of
+calls:
 
-* ``infer(kind="model")``: the package signature's raw tensors (what
-  Triton's ``NAME`` model takes), answered with the heads' logits;
-* ``infer(kind="ensemble")``: a BYTES ``RECORD`` tensor of raw record JSON
-  (Triton's ``NAME_ensemble``), featurized with the same code as Triton's
-  preprocess model, answered with logits plus ``VALID``/``ERROR``;
-* ``predict``: raw records, answered with the Predictor's Results.
+* :meth:`ModelRuntime.infer` with ``kind="model"``: the package
+  signature's raw tensors (what Triton's ``NAME`` model takes), answered
+  with the heads' logits;
+* ``kind="ensemble"``: a BYTES ``RECORD`` tensor of raw record JSON
+  (Triton's ``NAME_ensemble``), decoded by ``Predictor.decode`` and padded
+  by :func:`pipeline.oip.ensemble_features` (the function Triton's
+  preprocess model runs), answered with logits plus ``VALID``/``ERROR``;
+* :meth:`ModelRuntime.predict`: raw records, answered with the results'
+  JSON lines (:meth:`pipeline.results.ResultBatch.json_lines`, made once).
 
-Concurrent calls are merged by ``@serve.batch`` (tensor calls into one
-engine call; record calls into one ``Predictor.infer``) while decoding runs
-per request in worker threads, so the event loop keeps collecting the next
-batch while the engine runs.  ``max_batch_size`` and
-``batch_wait_timeout_s`` come from the deployment's ``user_config`` and can
-be changed on a live service.
+Concurrent calls are merged by ``@serve.batch``: tensor calls into one
+engine call (:func:`pipeline.columnar.pad_concat`, split back with
+:func:`pipeline.columnar.cut_rows`), record calls into one
+:meth:`~pipeline.columnar.ColumnarBatch.merge` and one
+``Predictor.infer_batch``, split back by
+:meth:`~pipeline.results.ResultBatch.split`.  Decoding and the engine run in
+worker threads (``asyncio.to_thread``): in Ray's throughput mode user code
+shares the replica's event loop with Serve's own request handling, which
+must keep collecting the next batch while the engine runs.  A failing
+engine call is isolated by :func:`pipeline.engines.base.run_isolated` (one
+call's tensors cannot fail the others; an unavailable engine fails them all
+at once).
 
-A replica whose package fails to load (bad checksum, missing variant)
-stays up and says so: it reports not ready and answers every inference
-call with 503, rather than crash-looping where nobody can ask it why.
+A model whose package fails to load (bad checksum, missing variant) stays
+in the replica and says so: it reports not ready and answers every
+inference call with 503, rather than crash-looping where nobody can ask it
+why.
 """
 
 from __future__ import annotations
@@ -28,33 +40,41 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry
 from ray import serve
 
 from deploy.serve.config import ONLINE_MEDIA, UserConfig
-from deploy.serve.metrics_hub import Publisher
-from deploy.triton.preprocess.model import featurize
-from exporters.triton_repo import PREPROCESS_OUTPUTS, RECORD, TOKEN_OFFSETS
+from pipeline.columnar import ColumnarBatch, cut_rows, pad_concat
 from pipeline.config import Settings
 from pipeline.engines import create_engine
-from pipeline.errors import PackageError, Reason
-from pipeline.log import log_event, setup_logging
-from pipeline.metrics import get_metrics
-from pipeline.oip import OipError, Spec, TensorSpecLike, tensor_metadata, validate_inputs
+from pipeline.engines.base import EngineUnavailable, Isolated, run_isolated
+from pipeline.errors import PackageError
+from pipeline.log import log_event
+from pipeline.metrics import Metrics
+from pipeline.oip import (
+    ENSEMBLE_SUFFIX,
+    PREPROCESS_OUTPUTS,
+    RECORD,
+    TOKEN_OFFSETS,
+    OipError,
+    Spec,
+    TensorSpecLike,
+    ensemble_features,
+    model_config,
+    tensor_metadata,
+    validate_inputs,
+)
 from pipeline.package import load_package
 from pipeline.predictor import Predictor
-from pipeline.preprocess import Prepared
-from pipeline.records import Result
+from pipeline.results import ResultBatch
 
 logger = logging.getLogger(__name__)
 
 ENSEMBLE_EXTRA = (*PREPROCESS_OUTPUTS, TOKEN_OFFSETS)
-"""What the ensemble adds to the model's outputs; names from the Triton
-repository writer, so both servers answer alike."""
+"""What the ensemble adds to the model's outputs (names shared with the Triton repository)."""
 _DEFAULTS = UserConfig()
 
 
@@ -73,126 +93,50 @@ class TensorReply:
     model_version: str
 
 
-class _EngineFailed(Exception):
-    """The engine failed on a call's tensors (logged where it happened)."""
+@dataclass
+class _TensorCall:
+    """One tensor call waiting for a batch."""
+
+    enqueued: float
+    feeds: dict[str, np.ndarray]
+    dims: dict[str, int]
 
 
 @dataclass
-class _Queued:
-    """One call waiting for a batch."""
+class _RecordsCall:
+    """One /v1 call's decoded records waiting for a batch."""
 
     enqueued: float
-    feeds: dict[str, np.ndarray] = field(default_factory=dict)
-    dims: dict[str, int] = field(default_factory=dict)
-    prepared: list[Prepared] = field(default_factory=list)
+    batch: ColumnarBatch
 
 
-def _row_specs(specs: list[TensorSpecLike], seq_len: int | None) -> list[dict[str, Any]]:
-    """Per-row dims of each model input, text at a fixed length (what the
-    Triton preprocess model's ``featurize`` pads to)."""
-    out = []
-    for s in specs:
-        dims = [seq_len if d == "sequence" else int(d) for d in s.shape[1:]]
-        out.append({"name": s.name, "dtype": s.dtype, "dims": dims})
-    return out
-
-
-def merge_feeds(
-    items: list[_Queued], specs: list[TensorSpecLike], pad_values: dict[str, int | float],
-) -> dict[str, np.ndarray]:
-    """Concatenate calls' tensors along the batch axis, padding each variable
-    non-batch axis (``sequence``) to the longest.  The fusion model is
-    padding-invariant (the attention mask hides pads), so a row's logits do
-    not depend on its neighbours' lengths."""
-    longest: dict[str, int] = {}
-    for it in items:
-        for name, n in it.dims.items():
-            if name != "batch":
-                longest[name] = max(longest.get(name, 0), n)
-    merged: dict[str, np.ndarray] = {}
-    for s in specs:
-        parts = []
-        for it in items:
-            arr = it.feeds[s.name]
-            pads = [(0, 0)] * arr.ndim
-            for axis, d in enumerate(s.shape):
-                if isinstance(d, str) and d != "batch" and arr.shape[axis] < longest[d]:
-                    pads[axis] = (0, longest[d] - arr.shape[axis])
-            if any(p != (0, 0) for p in pads):
-                arr = np.pad(arr, pads, constant_values=pad_values.get(s.name, 0))
-            parts.append(arr)
-        merged[s.name] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-    return merged
-
-
-def split_outputs(
-    outputs: dict[str, np.ndarray], items: list[_Queued], specs: list[TensorSpecLike],
-) -> list[dict[str, np.ndarray]]:
-    """Each call's rows of the merged outputs, variable axes cut back to the
-    call's own sizes (so a call gets the shapes Triton would give it)."""
-    shapes = {s.name: s.shape for s in specs}
-    out: list[dict[str, np.ndarray]] = []
-    start = 0
-    for it in items:
-        rows = it.dims["batch"]
-        mine = {}
-        for name, arr in outputs.items():
-            part = arr[start : start + rows]
-            index: list[slice] = [slice(None)] * part.ndim
-            for axis, d in enumerate(shapes.get(name, [])):
-                if isinstance(d, str) and d != "batch" and d in it.dims and axis < part.ndim:
-                    index[axis] = slice(0, it.dims[d])
-            mine[name] = np.ascontiguousarray(part[tuple(index)])
-        out.append(mine)
-        start += rows
-    return out
-
-
-# Module-level helpers the class uses are defined above it: Serve pickles the
-# decorated class by value at decoration time, with the globals that exist then.
-# Replica count and autoscaling are left to the Serve config: set here, a
-# config's `num_replicas` would be silently overridden by this autoscaling.
-@serve.deployment(
-    name="model",
-    max_ongoing_requests=64,
-    ray_actor_options={"num_cpus": 1, "num_gpus": 0},
-    user_config=_DEFAULTS.model_dump(),
-    health_check_period_s=10,
-)
-class ModelServer:
+class ModelRuntime:
     """One model package behind dynamic batching (see the module docstring)."""
 
-    def __init__(self, package: str, name: str, workload: str, settings: dict[str, Any]) -> None:
-        cfg = Settings.model_validate(settings)
-        setup_logging(cfg.log_level)
+    def __init__(self, package: str, name: str, workload: str, settings: Settings, metrics: Metrics,
+                 threads: int) -> None:
         self.name = name
         self.version = ""
         self.labels = {"path": "online", "workload": workload, "model": name}
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.metrics = get_metrics(self.registry)
+        self.metrics = metrics
         self.predictor: Predictor | None = None
         self.load_error: str | None = None
-        ctx = serve.get_replica_context()
-        self.publisher = Publisher(self.registry, ctx.app_name, f"{ctx.deployment}#{ctx.replica_tag}")
         try:
-            self._load(package, workload, cfg)
+            self._load(package, workload, settings, threads)
         except Exception as exc:  # any load failure: not ready, never serving
             self.load_error = f"{type(exc).__name__}: {exc}"
             log_event(logger, logging.ERROR, "model_load_failed", model=name, error=self.load_error[:2000])
-        self.publisher.ensure_started()
+        self._queue_depth = metrics.queue_depth.labels(**self.labels)
+        self._queue_wait = metrics.stage_seconds.labels(**self.labels, stage="queue")
+        self._request = metrics.request_seconds.labels(**self.labels)
 
-    def _load(self, package: str, workload: str, cfg: Settings) -> None:
+    def _load(self, package: str, workload: str, cfg: Settings, threads: int) -> None:
         pkg = load_package(package)
         if pkg.spec.name != workload:
             raise PackageError(f"package {pkg.name} serves workload {pkg.spec.name!r}, configured as {workload!r}")
         engine_cfg = cfg.engine.model_copy()
         if "threads" not in cfg.engine.model_fields_set:
-            # One intra-op thread per CPU this replica reserved: replicas
-            # sharing a node must not each spin up a thread per core.
-            import ray
-
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
-            engine_cfg.threads = max(1, int(cpus))
+            engine_cfg.threads = threads
         engine = create_engine(pkg, engine_cfg)
         self.predictor = Predictor(
             pkg, engine, limits=cfg.limits, media=ONLINE_MEDIA, batch_size=cfg.predict.batch_size,
@@ -206,61 +150,74 @@ class ModelServer:
         self.outputs: list[TensorSpecLike] = list(sig.outputs)
         text = pkg.spec.preprocessing.text
         self.seq_len = text.max_length if text is not None else None
-        self.vocab = self.predictor.pre.text.vocab_size if self.predictor.pre.text is not None else None
+        pre = self.predictor.pre
+        self.vocab = pre.text.vocab_size if pre.text is not None else None
         # Graph names: a brought model may call its token ids anything.
-        self.ids_input = self.predictor.pre.input_name("text.input_ids") if self.predictor.pre.text else None
+        self.ids_input = pre.input_name("text.input_ids") if pre.text else None
         self.pad_values: dict[str, int | float] = (
-            {self.ids_input: self.predictor.pre.text.pad_id}
-            if self.predictor.pre.text is not None and self.ids_input else {}
-        )
+            {self.ids_input: pre.text.pad_id} if pre.text is not None and self.ids_input else {})
+        self.var_axes = {s.name: tuple(i for i, d in enumerate(s.shape) if isinstance(d, str) and d != "batch")
+                         for s in [*self.inputs, *self.outputs]}
+        self.row_dims = {s.name: [self.seq_len if d == "sequence" else int(d) for d in s.shape[1:]]
+                         for s in self.inputs}
         token_heads = any(h.type == "token" for h in pkg.spec.heads)
-        self.ensemble_inputs: list[TensorSpecLike] = [Spec(RECORD, "object", ["batch", 1])]
         valid, error, message = PREPROCESS_OUTPUTS
-        extra = [Spec(valid, "bool", ["batch", 1]), Spec(error, "object", ["batch", 1]),
-                 Spec(message, "object", ["batch", 1])]
+        extra: list[TensorSpecLike] = [Spec(valid, "bool", ["batch", 1]), Spec(error, "object", ["batch", 1]),
+                                       Spec(message, "object", ["batch", 1])]
         if self.seq_len is not None and token_heads:
             extra.append(Spec(TOKEN_OFFSETS, "int64", ["batch", self.seq_len, 2]))
+        self.ensemble_inputs: list[TensorSpecLike] = [Spec(RECORD, "object", ["batch", 1])]
         self.ensemble_outputs: list[TensorSpecLike] = [*self.outputs, *extra]
-        self.row_specs = _row_specs(self.inputs, self.seq_len)
 
     # -- configuration ------------------------------------------------------------------
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply ``user_config`` (batching) without a restart."""
-        uc = UserConfig.model_validate(user_config or {})
+    def reconfigure(self, uc: UserConfig) -> None:
+        """Apply batching settings without a restart."""
         for method in (self._tensor_batch, self._records_batch):
             method.set_max_batch_size(uc.max_batch_size)
             method.set_batch_wait_timeout_s(uc.batch_wait_timeout_s)
-        log_event(logger, logging.INFO, "batching_configured", model=self.name,
-                  max_batch_size=uc.max_batch_size, batch_wait_timeout_s=uc.batch_wait_timeout_s)
 
     # -- status -------------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
         return self.predictor is not None
 
-    def _not_ready(self) -> Failure:
+    def not_ready(self) -> Failure:
         return Failure(503, f"model {self.name!r} is not ready: its package failed to load (see the server log)")
 
-    async def status(self) -> dict[str, Any]:
-        self.publisher.ensure_started()
+    def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "ready": self.ready, "version": self.version}
         if self.predictor is not None:
             out.update(engine=self.predictor.engine.name, provider=self.predictor.engine.provider)
         return out
 
-    async def metadata(self, kind: str) -> dict[str, Any] | Failure:
+    def _specs(self, kind: str) -> tuple[list[TensorSpecLike], list[TensorSpecLike]]:
+        return (self.inputs, self.outputs) if kind == "model" else (self.ensemble_inputs, self.ensemble_outputs)
+
+    def _platform(self, kind: str) -> str:
+        assert self.predictor is not None
+        engine = self.predictor.engine.name
+        return "ensemble" if kind == "ensemble" else ("onnxruntime_onnx" if engine == "onnxruntime" else engine)
+
+    def metadata(self, kind: str) -> dict[str, Any] | Failure:
         """Model metadata as ``GET /v2/models/{name}`` returns it."""
         if self.predictor is None:
-            return self._not_ready()
-        ins, outs = (self.inputs, self.outputs) if kind == "model" else (self.ensemble_inputs, self.ensemble_outputs)
-        engine = self.predictor.engine.name
-        platform = "ensemble" if kind == "ensemble" else ("onnxruntime_onnx" if engine == "onnxruntime" else engine)
+            return self.not_ready()
+        ins, outs = self._specs(kind)
         return {
-            "name": self.name if kind == "model" else f"{self.name}_ensemble",
-            "versions": [self.version], "platform": platform,
+            "name": self.name if kind == "model" else f"{self.name}{ENSEMBLE_SUFFIX}",
+            "versions": [self.version], "platform": self._platform(kind),
             "inputs": [tensor_metadata(t.name, t.dtype, t.shape) for t in ins],
             "outputs": [tensor_metadata(t.name, t.dtype, t.shape) for t in outs],
         }
+
+    def config(self, kind: str, uc: UserConfig) -> dict[str, Any] | Failure:
+        """The model's configuration in Triton's JSON form (``GET /v2/models/{name}/config``)."""
+        if self.predictor is None:
+            return self.not_ready()
+        ins, outs = self._specs(kind)
+        name = self.name if kind == "model" else f"{self.name}{ENSEMBLE_SUFFIX}"
+        return model_config(name, self._platform(kind), ins, outs, max_batch_size=self.max_batch_records,
+                            preferred=[uc.max_batch_size], delay_us=int(uc.batch_wait_timeout_s * 1e6))
 
     # -- tensors ----------------------------------------------------------------------------------
     def _check_values(self, inputs: dict[str, np.ndarray], dims: dict[str, int]) -> None:
@@ -279,12 +236,10 @@ class ModelServer:
         self, kind: str, inputs: dict[str, np.ndarray], requested: list[str] | None = None,
     ) -> TensorReply | Failure:
         """Raw tensors in, logits out (``kind`` ``model`` or ``ensemble``)."""
-        self.publisher.ensure_started()
         if self.predictor is None:
-            return self._not_ready()
+            return self.not_ready()
         t0 = time.perf_counter()
-        specs_in, specs_out = (self.inputs, self.outputs) if kind == "model" else (
-            self.ensemble_inputs, self.ensemble_outputs)
+        specs_in, specs_out = self._specs(kind)
         names = [s.name for s in specs_out]
         unknown = [n for n in requested or [] if n not in names]
         try:
@@ -295,120 +250,135 @@ class ModelServer:
                 self._check_values(inputs, dims)
         except OipError as exc:
             return Failure(exc.status, exc.message)
-        try:
-            if kind == "model":
-                outputs = await self._run_tensors(inputs, dims)
-                self.metrics.records.labels(**self.labels, outcome="ok").inc(dims["batch"])
-            else:
-                outputs = await self._run_ensemble(inputs[RECORD])
-        except _EngineFailed:
-            return Failure(500, "inference failed (see the server log)")
-        self.metrics.request_seconds.labels(**self.labels).observe(time.perf_counter() - t0)
-        self.publisher.mark()
+        if kind == "model":
+            outputs = await self._run_tensors(inputs, dims)
+        else:
+            outputs = await self._run_ensemble(inputs[RECORD])
+        if isinstance(outputs, Failure):
+            return outputs
+        if kind == "model":
+            self.metrics.records.labels(**self.labels, outcome="ok").inc(dims["batch"])
+        self._request.observe(time.perf_counter() - t0)
         return TensorReply({n: outputs[n] for n in requested or names}, self.version)
 
-    async def _run_tensors(self, feeds: dict[str, np.ndarray], dims: dict[str, int]) -> dict[str, np.ndarray]:
-        self.metrics.queue_depth.labels(**self.labels).inc()
-        out = await self._tensor_batch(_Queued(time.perf_counter(), feeds=feeds, dims=dims))
-        if isinstance(out, _EngineFailed):
-            raise out
-        return out
+    async def _run_tensors(self, feeds: dict[str, np.ndarray], dims: dict[str, int]
+                           ) -> dict[str, np.ndarray] | Failure:
+        self._queue_depth.inc()
+        return await self._tensor_batch(_TensorCall(time.perf_counter(), feeds, dims))
 
-    async def _run_ensemble(self, records: np.ndarray) -> dict[str, np.ndarray]:
-        """Triton's preprocess model's own ``featurize`` (text padded to the
-        model's length, bad records as zero rows with their reason), then the
-        model like any tensor call."""
+    async def _run_ensemble(self, records: np.ndarray) -> dict[str, np.ndarray] | Failure:
+        """Records decoded into a columnar batch and padded to the model's
+        length (Triton's preprocess model runs the same two functions), then
+        the model like any tensor call."""
         assert self.predictor is not None
+        predictor, seq_len, dims = self.predictor, self.seq_len, self.row_dims
         raws = [bytes(r) if not isinstance(r, str) else r.encode("utf-8") for r in records.reshape(-1)]
-        t0 = time.perf_counter()
-        feats = await asyncio.to_thread(featurize, self.predictor.pre, raws, self.row_specs, self.seq_len)
-        self.metrics.stage_seconds.labels(**self.labels, stage="preprocess").observe(time.perf_counter() - t0)
-        feeds = {s.name: feats[s.name] for s in self.inputs}
-        dims = {"batch": len(raws)}
-        if self.seq_len is not None:
-            dims["sequence"] = self.seq_len
-        outputs = await self._run_tensors(feeds, dims)
-        for name in ENSEMBLE_EXTRA:
-            if name in feats:
-                outputs[name] = feats[name]
-        valid_name, error_name, _ = PREPROCESS_OUTPUTS
-        valid = feats[valid_name].reshape(-1)
-        self.metrics.records.labels(**self.labels, outcome="ok").inc(int(valid.sum()))
-        for code in feats[error_name].reshape(-1)[~valid]:
-            reason = bytes(code).decode("utf-8", "replace") or Reason.BAD_RECORD.value
-            self.metrics.records.labels(**self.labels, outcome="error").inc()
-            self.metrics.errors.labels(**self.labels, reason=reason).inc()
+
+        def featurize() -> tuple[dict[str, np.ndarray], int]:
+            batch = predictor.decode(raws)
+            return ensemble_features(predictor.pre, batch, seq_len, dims), len(batch)
+
+        feats, ok = await asyncio.to_thread(featurize)
+        call_dims = {"batch": len(raws)}
+        if seq_len is not None:
+            call_dims["sequence"] = seq_len
+        outputs = await self._run_tensors({s.name: feats[s.name] for s in self.inputs}, call_dims)
+        if isinstance(outputs, Failure):
+            return outputs
+        outputs.update({n: feats[n] for n in ENSEMBLE_EXTRA if n in feats})
+        self.metrics.records.labels(**self.labels, outcome="ok").inc(ok)  # rejections: counted by decode
         return outputs
 
     @serve.batch(max_batch_size=_DEFAULTS.max_batch_size, batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
-    async def _tensor_batch(self, items: list[_Queued]) -> list[dict[str, np.ndarray] | _EngineFailed]:
-        self._dequeued(items)
-        return await self._engine_run(items)
+    async def _tensor_batch(self, calls: list[_TensorCall]) -> list[dict[str, np.ndarray] | Failure]:
+        self._dequeued(calls)
+        return await asyncio.to_thread(self._engine_run, calls)
 
-    async def _engine_run(self, items: list[_Queued]) -> list[dict[str, np.ndarray] | _EngineFailed]:
-        """One engine call for the merged calls; if it fails, each call alone,
-        so one caller's tensors cannot fail the others' requests."""
+    def _engine_run(self, calls: list[_TensorCall]) -> list[dict[str, np.ndarray] | Failure]:
+        """One engine call for the merged calls (a worker thread); a call the
+        engine fails on is isolated by the one rule (``run_isolated``)."""
         assert self.predictor is not None
-        feeds = merge_feeds(items, self.inputs, self.pad_values)
-        rows = sum(it.dims["batch"] for it in items)
+        engine = self.predictor.engine
         t0 = time.perf_counter()
-        try:
-            outputs = await asyncio.to_thread(self.predictor.engine.run, feeds)
-        except Exception as exc:
-            log_event(logger, logging.ERROR, "engine_failed", model=self.name, exc_type=type(exc).__name__,
-                      batch=rows)
-            if len(items) == 1:
-                return [_EngineFailed()]
-            return [r for it in items for r in await self._engine_run([it])]
+
+        def run(idx: list[int]) -> dict[str, np.ndarray]:
+            part = [calls[i] for i in idx]
+            feeds = {s.name: pad_concat([c.feeds[s.name] for c in part], self.var_axes[s.name],
+                                        self.pad_values.get(s.name, 0)) for s in self.inputs}
+            return engine.run(feeds)
+
+        def failed(exc: BaseException, n: int) -> None:
+            event = "engine_unavailable" if isinstance(exc, EngineUnavailable) else "engine_failed"
+            log_event(logger, logging.ERROR, event, model=self.name, exc_type=type(exc).__name__, calls=n)
+
+        out: list[dict[str, np.ndarray] | Failure] = [Failure(500, "")] * len(calls)
+        for idx, got in run_isolated(run, len(calls), failed):
+            if isinstance(got, str):
+                msg = ("inference failed: the engine is unavailable" if got == Isolated.UNAVAILABLE
+                       else "inference failed (see the server log)")
+                for i in idx:
+                    out[i] = Failure(503 if got == Isolated.UNAVAILABLE else 500, msg)
+                continue
+            for i, part in zip(idx, self._split([calls[i] for i in idx], got), strict=True):
+                out[i] = part
+        rows = sum(c.dims["batch"] for c in calls)
         self.metrics.stage_seconds.labels(**self.labels, stage="infer").observe(time.perf_counter() - t0)
         self.metrics.batch_size.labels(**self.labels).observe(rows)
-        return split_outputs(outputs, items, self.outputs)
-
-    def _dequeued(self, items: list[_Queued]) -> None:
-        """Queue wait per call, as the ``queue`` stage of mmpipe_stage_seconds."""
-        now = time.perf_counter()
-        for it in items:
-            self.metrics.queue_depth.labels(**self.labels).dec()
-            self.metrics.stage_seconds.labels(**self.labels, stage="queue").observe(now - it.enqueued)
-
-    # -- records --------------------------------------------------------------------------------
-    async def predict(self, records: list[Any]) -> list[dict[str, Any]] | Failure:
-        """Raw records in (dicts, JSON text or bytes), Results out in order;
-        a record that fails decoding gets its own error result."""
-        self.publisher.ensure_started()
-        if self.predictor is None:
-            return self._not_ready()
-        t0 = time.perf_counter()
-        predictor = self.predictor
-        items = await asyncio.to_thread(lambda: [predictor.prepare(r) for r in records])
-        self.metrics.stage_seconds.labels(**self.labels, stage="preprocess").observe(time.perf_counter() - t0)
-        prepared = [p for p in items if isinstance(p, Prepared)]
-        if prepared:
-            self.metrics.queue_depth.labels(**self.labels).inc()
-            answered = iter(await self._records_batch(_Queued(time.perf_counter(), prepared=prepared)))
-            items = [next(answered) if isinstance(p, Prepared) else p for p in items]
-        self.metrics.request_seconds.labels(**self.labels).observe(time.perf_counter() - t0)
-        self.publisher.mark()
-        return [r.model_dump(mode="json", exclude_none=True) for r in items if isinstance(r, Result)]
-
-    @serve.batch(max_batch_size=_DEFAULTS.max_batch_size, batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
-    async def _records_batch(self, items: list[_Queued]) -> list[list[Result]]:
-        assert self.predictor is not None
-        self._dequeued(items)
-        flat = [p for it in items for p in it.prepared]
-        # Predictor.infer chunks by predict.batch_size, isolates a record
-        # that breaks the engine and records the batch metrics itself.
-        results = await asyncio.to_thread(self.predictor.infer, flat)
-        out, start = [], 0
-        for it in items:
-            out.append(results[start : start + len(it.prepared)])
-            start += len(it.prepared)
         return out
 
-    def __del__(self) -> None:
-        publisher = getattr(self, "publisher", None)
-        if publisher is not None:
-            publisher.close()
-        predictor = getattr(self, "predictor", None)
-        if predictor is not None:
-            predictor.close()
+    def _split(self, calls: list[_TensorCall], outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Each call's rows (``cut_rows``), variable axes cut back to the
+        call's own sizes (so a call gets the shapes Triton would give it)."""
+        shapes = {s.name: s.shape for s in self.outputs}
+        parts = {n: cut_rows(a, [c.dims["batch"] for c in calls]) for n, a in outputs.items()}
+        out = []
+        for i, c in enumerate(calls):
+            mine = {}
+            for n, rows in parts.items():
+                arr = rows[i]
+                for axis in self.var_axes.get(n, ()):
+                    d = shapes[n][axis]
+                    if isinstance(d, str) and d in c.dims and axis < arr.ndim:
+                        arr = arr[(slice(None),) * axis + (slice(0, c.dims[d]),)]
+                mine[n] = np.ascontiguousarray(arr)
+            out.append(mine)
+        return out
+
+    def _dequeued(self, calls: list[Any]) -> None:
+        """Queue wait per call, as the ``queue`` stage of mmpipe_stage_seconds."""
+        now = time.perf_counter()
+        self._queue_depth.dec(len(calls))
+        for c in calls:
+            self._queue_wait.observe(now - c.enqueued)
+
+    # -- records --------------------------------------------------------------------------------
+    async def predict(self, records: list[Any]) -> list[bytes] | Failure:
+        """Raw records in (dicts, JSON text or bytes), each record's result
+        as one JSON document out, in order; a record that fails decoding
+        gets its own error result."""
+        if self.predictor is None:
+            return self.not_ready()
+        t0 = time.perf_counter()
+        batch = await asyncio.to_thread(self.predictor.decode, records)
+        if len(batch):
+            self._queue_depth.inc()
+            result = await self._records_batch(_RecordsCall(time.perf_counter(), batch))
+        else:
+            result = self.predictor.infer_batch(batch)  # rejections only: no engine call
+        self._request.observe(time.perf_counter() - t0)
+        return result.json_lines()
+
+    @serve.batch(max_batch_size=_DEFAULTS.max_batch_size, batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
+    async def _records_batch(self, calls: list[_RecordsCall]) -> list[ResultBatch]:
+        """Calls' batches merged, one ``infer_batch`` (which chunks by
+        ``predict.batch_size``, isolates a record that breaks the engine and
+        records the batch metrics), results split back per call."""
+        assert self.predictor is not None
+        self._dequeued(calls)
+        merged = ColumnarBatch.merge([c.batch for c in calls])
+        results = await asyncio.to_thread(self.predictor.infer_batch, merged)
+        return results.split([c.batch.size for c in calls])
+
+    def close(self) -> None:
+        if self.predictor is not None:
+            self.predictor.close()

@@ -302,13 +302,13 @@ def _free_port() -> int:
 
 def _serve(packages: list[ModelPackage], work: Path) -> Iterator[str]:
     port = _free_port()
-    small = {"num_cpus": 0.1, "num_gpus": 0}  # three models and the ingress on a 2-CPU Ray
+    small = {"num_cpus": 0.5, "num_gpus": 0}  # one server deployment holds the three models
     config = {
         "proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{
             "name": "byo", "route_prefix": "/", "import_path": "deploy.serve.app:build_app",
             "args": {"models": [{"package": str(p.root)} for p in packages]},
-            "deployments": [{"name": n, "ray_actor_options": small} for n in ["ingress", *(p.name for p in packages)]],
+            "deployments": [{"name": "server", "ray_actor_options": small}],
         }],
     }
     cfg = work / "serve.yaml"

@@ -1,10 +1,10 @@
 """Fault case 3: a Ray Serve model replica killed (SIGKILL) under load.
 
-``mmpipe serve`` runs the retail model with two replicas.  Client threads
+``mmpipe serve`` runs the retail model with two server replicas.  Client threads
 keep sending records to ``POST /v1/retail/predict`` while one replica's
 process is killed; Serve's controller starts a replacement.  A request that
-fails meanwhile (connection error or a 5xx from the ingress, whose call to
-the dead replica failed) is retried by the client with backoff: inference
+fails meanwhile (connection error, or a 5xx from the proxy or HAProxy in
+front of the dead replica) is retried by the client with backoff: inference
 has no side effects, so resending is safe.  Failed attempts are counted as
 retries, apart from losses; every record must end with the Predictor's
 answer (or, for a record broken on purpose, its reason code).
@@ -33,11 +33,11 @@ from tests.integration.serve_helpers import Server, running_serve, serve_app
 pytest.importorskip("ray.serve", reason="the Serve fault case needs ray[serve]")
 
 Report = Callable[[FaultOutcome], FaultOutcome]
-REPLICA = "ServeReplica:mmpipe:retail-fusion"
-"""The process title Ray gives the retail model's replicas."""
+REPLICA = "ServeReplica:mmpipe:server"
+"""The process title Ray gives the server deployment's replicas (the retail model's)."""
 RETRY_STATUSES = {500, 502, 503, 504}
-"""What a dead replica looks like to a client: the ingress's call failed (500)
-or no replica could take the request (503); 502/504 from a proxy in front."""
+"""What a dead replica looks like to a client: the proxy's call failed (500)
+or no replica could take the request (503); 502/504 from HAProxy in front."""
 
 
 class RetryingClient:
@@ -79,7 +79,7 @@ def test_serve_replica_killed_under_load(packages, tmp_path: Path, report: Repor
     # Bytes that are not JSON get a 400 with their reason code; the rest a 200
     # whose body is the result or the record's error.
     want = expected_results(packages["retail"], records)
-    app = serve_app("mmpipe", "/", [{"package": str(packages["retail"])}], ["retail-fusion"],
+    app = serve_app("mmpipe", "/", [{"package": str(packages["retail"])}],
                     settings={"log_level": "INFO"},
                     deployment_options={"num_replicas": 2, "max_ongoing_requests": 16,
                                         "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.01}})

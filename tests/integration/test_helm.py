@@ -250,11 +250,33 @@ def test_ray_backend(helm: str) -> None:
     assert not by_kind(objs, "HorizontalPodAutoscaler"), "KEDA owns the stream's HPA"
 
 
+def test_ray_throughput_mode(helm: str) -> None:
+    """Ray Serve's throughput mode is on by default on every Ray pod, off on request; gRPC's port is open."""
+
+    def envs(objs: list[dict[str, Any]]) -> list[dict[str, str]]:
+        (rs,) = by_kind(objs, "RayService")
+        cluster = rs["spec"]["rayClusterConfig"]
+        pods = [cluster["headGroupSpec"]["template"]["spec"], cluster["workerGroupSpecs"][0]["template"]["spec"]]
+        return [{e["name"]: e.get("value") for e in p["containers"][0]["env"]} for p in pods]
+
+    on = render(helm, CHART / "ci" / "ray-values.yaml")
+    for env in envs(on):
+        assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    (rs,) = by_kind(on, "RayService")
+    ports = {p["name"]: p["containerPort"] for p in
+             rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert ports["serve"] == 8000 and ports["serve-grpc"] == 9000
+    off = render(helm, CHART / "ci" / "ray-values.yaml", sets=("online.ray.throughputMode=false",))
+    for env in envs(off):
+        assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in env and "RAY_SERVE_ENABLE_HA_PROXY" not in env
+
+
 def test_default_serve_config_is_the_example(helm: str) -> None:
     """The chart's Serve config is deploy/serve/serve.example.yaml (packages on the models volume)."""
     chart = yaml.safe_load((CHART / "values.yaml").read_text())["online"]["ray"]["serveConfig"]
     example = yaml.safe_load((ROOT / "deploy" / "serve" / "serve.example.yaml").read_text())
     assert chart["http_options"] == example["http_options"]
+    assert chart["grpc_options"] == example["grpc_options"]
     assert chart["proxy_location"] == example["proxy_location"]
     (capp,), eapp = chart["applications"], example["applications"][0]
     for key in ("name", "route_prefix", "import_path"):

@@ -55,6 +55,7 @@ pytest.importorskip("ray.serve", reason="Serve tests need ray[serve]")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")  # the ONNX export of the tiny packages
 httpclient = pytest.importorskip("tritonclient.http")
+grpcclient = pytest.importorskip("tritonclient.grpc")
 requests = pytest.importorskip("requests")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -162,7 +163,7 @@ def test_health_and_metadata(server: Server, packages: dict[str, ModelPackage]) 
     client = httpclient.InferenceServerClient(server.hostport)
     try:
         assert client.is_server_live() and client.is_server_ready()
-        assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+        assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
         for pkg in packages.values():
             assert client.is_model_ready(pkg.name) and client.is_model_ready(f"{pkg.name}_ensemble")
             assert client.is_model_ready(pkg.name, pkg.version)
@@ -435,8 +436,8 @@ def test_dynamic_batching_merges_concurrent_requests(server, records) -> None:
         statuses.append(r.status_code)
 
     for _round in range(3):  # concurrency is up to the OS scheduler; a few rounds make it certain enough
-        barrier = threading.Barrier(16)
-        threads = [threading.Thread(target=one, args=(i, barrier)) for i in range(16)]
+        barrier = threading.Barrier(64)
+        threads = [threading.Thread(target=one, args=(i, barrier)) for i in range(64)]
         for t in threads:
             t.start()
         for t in threads:
@@ -470,7 +471,7 @@ def test_metrics_endpoint(server) -> None:
                and 'model="medical-fusion"' in ln for ln in info)
     assert re.search(r'^mmpipe_record_errors_total{[^}]*reason="uri_not_allowed"', text, re.M)
     assert re.search(r'^mmpipe_stage_seconds_count{[^}]*stage="queue"', text, re.M)
-    assert 'replica="retail-fusion#' in text
+    assert 'replica="server#' in text
 
 
 def _ok_records(text: str, workload: str) -> float:
@@ -550,14 +551,6 @@ def test_no_record_content_in_logs(server) -> None:
         assert MARKER.encode() not in data, f"record text leaked into {f}"
 
 
-def test_sigterm_shuts_down_cleanly(server) -> None:
-    server.proc.send_signal(signal.SIGTERM)
-    assert server.proc.wait(120) == 0, server.log.read_text()[-4000:]
-    assert "stopping" in server.log.read_text()
-    with pytest.raises(requests.ConnectionError):
-        requests.get(f"{server.url}/v2/health/live", timeout=5)
-
-
 def test_a_config_that_fails_to_deploy_exits_1(package_dirs: dict[str, Path], tmp_path: Path) -> None:
     """The builder's refusal (two models for one workload) comes back from the
     Serve controller as the command's error, and Ray is shut down."""
@@ -581,3 +574,217 @@ def test_a_config_that_fails_to_deploy_exits_1(package_dirs: dict[str, Path], tm
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 1, out[-3000:] + err[-3000:]
     assert "both serve workload 'retail'" in err
+
+
+# -- gRPC: Triton's GRPCInferenceService on Serve's gRPC proxy ------------------------------------------------
+APP = {"application": "mmpipe"}
+"""Serve's gRPC proxy picks an application by this metadata when it serves
+several (this module's server runs two); with one, no header is needed."""
+
+
+def _grpc(server: Server) -> grpcclient.InferenceServerClient:
+    return grpcclient.InferenceServerClient(server.grpc)
+
+
+def grpc_infer(server: Server, model: str, feeds: dict[str, np.ndarray], outputs: list[str] | None,
+               version: str = "") -> grpcclient.InferResult:
+    client = _grpc(server)
+    try:
+        inputs = []
+        for n, a in feeds.items():
+            dt = "BYTES" if a.dtype == object else {"int64": "INT64", "float32": "FP32", "int32": "INT32"}[str(a.dtype)]
+            inp = grpcclient.InferInput(n, list(a.shape), dt)
+            inp.set_data_from_numpy(a)  # raw_input_contents
+            inputs.append(inp)
+        outs = None if outputs is None else [grpcclient.InferRequestedOutput(o) for o in outputs]
+        return client.infer(model, inputs, outputs=outs, model_version=version, headers=APP, client_timeout=60)
+    finally:
+        client.close()
+
+
+def test_grpc_health_metadata_and_config(server, packages) -> None:
+    client, http = _grpc(server), httpclient.InferenceServerClient(server.hostport)
+    try:
+        assert client.is_server_live(headers=APP) and client.is_server_ready(headers=APP)
+        assert "binary_tensor_data" in client.get_server_metadata(headers=APP, as_json=True)["extensions"]
+        for pkg in packages.values():
+            for name in (pkg.name, f"{pkg.name}_ensemble"):
+                assert client.is_model_ready(name, headers=APP)
+                meta = client.get_model_metadata(name, headers=APP, as_json=True)
+                want = http.get_model_metadata(name)
+                assert meta["name"] == want["name"] and meta["versions"] == want["versions"]
+                assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta["inputs"]] == [
+                    (t["name"], t["datatype"], t["shape"]) for t in want["inputs"]]
+                # the model's configuration, as Triton gives it, on both protocols
+                cfg = client.get_model_config(name, headers=APP, as_json=True)["config"]
+                hcfg = http.get_model_config(name)
+                assert cfg["name"] == hcfg["name"] == name
+                assert int(cfg["max_batch_size"]) == hcfg["max_batch_size"] == MAX_RECORDS
+                assert [i["name"] for i in cfg["input"]] == [i["name"] for i in hcfg["input"]]
+            cfg = http.get_model_config(pkg.name)
+            sig = pkg.manifest.signature
+            assert [(i["name"], i["dims"]) for i in cfg["input"]] == [
+                (t.name, [d if isinstance(d, int) else -1 for d in t.shape[1:]]) for t in sig.inputs]
+            assert {i["data_type"] for i in cfg["input"]} <= {"TYPE_INT64", "TYPE_FP32"}
+    finally:
+        client.close()
+        http.close()
+
+
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_grpc_tensors_match_predictor(server, packages, predictors, records, workload) -> None:
+    pred, pkg = predictors[workload], packages[workload]
+    prepared = [pred.prepare(r) for r in records[workload]]
+    feeds = pred.pre.collate(prepared)
+    outputs = [t.name for t in pkg.manifest.signature.outputs]
+    res = grpc_infer(server, pkg.name, feeds, outputs)
+    logits = {o: res.as_numpy(o) for o in outputs}
+    got = results_from_logits(pred, [p.id for p in prepared], logits, [p.offsets for p in prepared])
+    assert_same(got, pred.predict(records[workload]))
+    res = grpc_infer(server, pkg.name, feeds, None, version=pkg.version)
+    assert {t.name for t in res.get_response().outputs} == set(outputs)
+
+
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_grpc_ensemble_records(server, packages, predictors, records, workload) -> None:
+    pred, pkg = predictors[workload], packages[workload]
+    good = [json.dumps(json_safe(r)).encode() for r in records[workload]]
+    broken = [(record_bytes(r), c) for r, c in _broken(workload)]
+    raws = [*good, *(r for r, _ in broken)]
+    res = grpc_infer(server, f"{pkg.name}_ensemble", {"RECORD": np.array(raws, dtype=object).reshape(-1, 1)}, None)
+    valid = res.as_numpy("VALID").reshape(-1)
+    errors = [e.decode() for e in res.as_numpy("ERROR").reshape(-1)]
+    assert valid.tolist() == [True] * len(good) + [False] * len(broken)
+    assert errors[len(good):] == [c for _, c in broken]
+    n = len(good)
+    logits = {t.name: res.as_numpy(t.name)[:n] for t in pkg.manifest.signature.outputs}
+    has_tokens = any(h.type == "token" for h in pkg.spec.heads)
+    token_offsets = res.as_numpy("TOKEN_OFFSETS") if has_tokens else np.zeros((len(raws), 0, 2), np.int64)
+    offsets = [[tuple(o) for o in token_offsets[i]] for i in range(n)]
+    ids = [r["id"] for r in records[workload]]
+    assert_same(results_from_logits(pred, ids, logits, offsets), pred.predict(records[workload]))
+
+
+def test_grpc_errors_carry_status_codes_and_the_http_messages(server, packages, predictors, records) -> None:
+    import grpc
+
+    pred = predictors["medical"]
+    feeds = pred.pre.collate([pred.prepare(r) for r in records["medical"][:2]])
+    name = packages["medical"].name
+    cases = [
+        ("nope", feeds, None, grpc.StatusCode.NOT_FOUND),
+        (name, {**feeds, "input_ids": feeds["input_ids"].astype(np.int32)}, None, grpc.StatusCode.INVALID_ARGUMENT),
+        (name, {k: v for k, v in feeds.items() if k != "presence"}, None, grpc.StatusCode.INVALID_ARGUMENT),
+        (name, feeds, ["nope"], grpc.StatusCode.INVALID_ARGUMENT),
+        (f"{name}_ensemble", {"RECORD": np.array([b"{}", b"{}"], dtype=object)}, None,
+         grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    for model, f, outs, code in cases:
+        with pytest.raises(Exception) as g:
+            grpc_infer(server, model, f, outs)
+        with pytest.raises(Exception) as h:
+            tc_infer(server, model, f, outs, binary=True)
+        assert g.value.status() == f"StatusCode.{code.name}", (model, g.value)
+        assert g.value.message() == h.value.message(), (model, g.value, h.value)
+    client = _grpc(server)
+    try:
+        with pytest.raises(Exception) as g:
+            client.is_model_ready("nope", headers=APP)
+        assert g.value.status() == "StatusCode.NOT_FOUND" and "unknown model 'nope'" in g.value.message()
+        with pytest.raises(Exception) as g:
+            client.get_model_config(name, model_version="999", headers=APP)
+        assert g.value.status() == "StatusCode.NOT_FOUND" and "no version '999'" in g.value.message()
+    finally:
+        client.close()
+
+
+def test_unknown_routes_answer_the_protocol_error_shape(server) -> None:
+    r = requests.get(f"{server.url}/v2/no/such/route", timeout=30)
+    assert r.status_code == 404 and set(r.json()) == {"error"} and "no such route" in r.json()["error"]
+    r = requests.delete(f"{server.url}/v2/health/live", timeout=30)
+    assert r.status_code == 405 and set(r.json()) == {"error"}
+    http = httpclient.InferenceServerClient(server.hostport)
+    try:
+        with pytest.raises(Exception, match="unknown model 'nope'"):
+            http.get_model_config("nope")
+    finally:
+        http.close()
+
+
+# -- the README's example, and configs Ray cannot place ----------------------------------------------------------
+def test_the_readme_example_starts_on_two_cores_and_answers(package_dirs, tiny_packages, predictors, records,
+                                                            tmp_path: Path) -> None:
+    """deploy/serve/serve.example.yaml as written (its applications and
+    deployments, packages swapped for the test's) on a 2-CPU Ray; with one
+    application, tritonclient.grpc needs no header, exactly as against Triton."""
+    media = tmp_path / "media"
+    shutil.copytree(tiny_packages["media"], media)
+    export_package(media, ("fp32",))
+    where = {"retail": package_dirs["retail"], "medical": package_dirs["medical"], "media": media}
+    example = yaml.safe_load((ROOT / "deploy" / "serve" / "serve.example.yaml").read_text())
+    (app,) = example["applications"]
+    app["args"]["models"] = [{"package": str(where[Path(m["package"]).name])} for m in app["args"]["models"]]
+    with running_serve([app], tmp_path, num_cpus=2) as srv:
+        pred = predictors["retail"]
+        r = requests.post(f"{srv.url}/v1/retail/predict", json={"records": [json_safe(x) for x in records["retail"]]},
+                          timeout=120)
+        assert r.status_code == 200, r.text
+        assert_same([Result.model_validate(d) for d in r.json()["results"]], pred.predict(records["retail"]))
+        client = grpcclient.InferenceServerClient(srv.grpc)
+        try:
+            assert client.is_server_ready() and client.is_model_ready("media-fusion")
+        finally:
+            client.close()
+
+
+def test_a_config_ray_cannot_place_fails_at_once_saying_what_is_short(package_dirs, tmp_path: Path) -> None:
+    app = _app("big", "/", [{"package": str(package_dirs["retail"])}], [])
+    app["deployments"][0]["ray_actor_options"] = {"num_cpus": 3}
+    config = {"http_options": {"host": "127.0.0.1", "port": free_port()}, "applications": [app]}
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="mmr", dir="/tmp"))
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.serve.cli", "--config", str(cfg), "--num-cpus", "2",
+                             "--grpc-port", str(free_port())],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        # "at once": well inside the default 600s deploy wait (no wall-clock assertion beyond that)
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 1, out[-3000:] + err[-3000:]
+    assert "CPU: needs 3, the Ray cluster has 2 (1 short)" in err and "big/server: 1 replica(s) x 3 CPU" in err
+
+
+def test_classic_proxy_mode_serves_the_same(package_dirs, predictors, records, tmp_path: Path) -> None:
+    """With Ray's throughput mode off (Serve's Python proxy, user code in its
+    own thread) the same app answers HTTP and gRPC alike: the module's suite
+    runs in throughput mode, this covers the other."""
+    pred = predictors["retail"]
+    prepared = [pred.prepare(r) for r in records["retail"]]
+    feeds = pred.pre.collate(prepared)
+    app = _app("mmpipe", "/", [{"package": str(package_dirs["retail"])}], [])
+    with running_serve([app], tmp_path, throughput_mode="off") as srv:
+        assert "Throughput optimized Ray Serve enabled" not in srv.log.read_text(errors="replace")
+        outputs = [t.name for t in pred.package.manifest.signature.outputs]
+        for res in (tc_infer(srv, pred.package.name, feeds, outputs, binary=True),
+                    grpc_infer(srv, pred.package.name, feeds, outputs)):
+            logits = {o: res.as_numpy(o) for o in outputs}
+            got = results_from_logits(pred, [p.id for p in prepared], logits, [p.offsets for p in prepared])
+            assert_same(got, pred.predict(records["retail"]))
+        r = requests.get(f"{srv.url}/v2/nope", timeout=30)
+        assert r.status_code == 404 and set(r.json()) == {"error"}
+
+
+# -- last: stops the module's server ------------------------------------------------------------------------------
+def test_sigterm_shuts_down_cleanly(server) -> None:
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(120) == 0, server.log.read_text()[-4000:]
+    assert "stopping" in server.log.read_text()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{server.url}/v2/health/live", timeout=5)

@@ -252,3 +252,91 @@ def test_metadata_and_datatypes() -> None:
     with pytest.raises(OipError):
         oip.datatype_of(np.complex64)
     assert json.loads(oip.error_body("nope")) == {"error": "nope"}
+
+
+# -- model configuration, raw tensors, the gRPC codec -------------------------------------------------------------
+def test_model_config_is_tritons_json_form() -> None:
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2
+
+    ins = [Spec("input_ids", "int64", ["batch", "sequence"]), Spec("presence", "float32", ["batch", 3])]
+    outs = [Spec("tags", "float32", ["batch", "sequence", 4]), Spec("ERROR", "object", ["batch", 1])]
+    cfg = oip.model_config("m", "onnxruntime_onnx", ins, outs, max_batch_size=64, preferred=[16], delay_us=5000)
+    assert cfg["max_batch_size"] == 64
+    assert cfg["input"] == [{"name": "input_ids", "data_type": "TYPE_INT64", "dims": [-1]},
+                            {"name": "presence", "data_type": "TYPE_FP32", "dims": [3]}]
+    assert cfg["output"][1]["data_type"] == "TYPE_STRING"
+    # the ModelConfig protobuf tritonclient ships takes it as it is
+    msg = json_format.ParseDict(cfg, model_config_pb2.ModelConfig())
+    assert msg.dynamic_batching.max_queue_delay_microseconds == 5000 and list(msg.input[0].dims) == [-1]
+
+
+@pytest.mark.parametrize("datatype", [*NUMERIC, "BYTES"])
+def test_raw_tensor_bytes_round_trip(datatype: str) -> None:
+    arr = _sample(datatype)
+    dt, blob = oip.tensor_to_bytes(arr)
+    assert dt == datatype
+    back = oip.tensor_from_bytes("x", dt, arr.shape, blob)
+    assert back.shape == arr.shape and back.tolist() == arr.tolist()
+    if datatype != "BYTES":
+        with pytest.raises(OipError, match="binary_data_size"):
+            oip.tensor_from_bytes("x", dt, (arr.shape[0] + 1, *arr.shape[1:]), blob)
+
+
+def test_grpc_request_from_raw_and_typed_contents() -> None:
+    pytest.importorskip("tritonclient.grpc")
+    from tritonclient.grpc import service_pb2
+
+    from deploy.serve import grpc_oip
+
+    ids = np.arange(6, dtype=np.int64).reshape(2, 3)
+    rec = np.array([[b'{"id": "a"}'], [b"\xff"]], dtype=object)
+    req = service_pb2.ModelInferRequest(model_name="m")
+    for name, arr in (("input_ids", ids), ("RECORD", rec)):
+        req.inputs.add(name=name, datatype=oip.datatype_of(arr.dtype), shape=list(arr.shape))
+        req.raw_input_contents.append(oip.tensor_to_bytes(arr)[1])
+    req.outputs.add(name="tags")
+    inputs, requested = grpc_oip.parse_request(req)
+    assert inputs["input_ids"].tolist() == ids.tolist() and inputs["RECORD"].tolist() == rec.tolist()
+    assert requested == ["tags"]
+    typed = service_pb2.ModelInferRequest(model_name="m")
+    t = typed.inputs.add(name="input_ids", datatype="INT64", shape=[2, 3])
+    t.contents.int64_contents.extend(ids.reshape(-1).tolist())
+    inputs, requested = grpc_oip.parse_request(typed)
+    assert inputs["input_ids"].tolist() == ids.tolist() and requested is None
+    t.contents.int64_contents.append(7)
+    with pytest.raises(OipError, match=r"input 'input_ids': 7 elements for shape \[2, 3\]"):
+        grpc_oip.parse_request(typed)
+    short = service_pb2.ModelInferRequest(model_name="m")
+    short.inputs.add(name="input_ids", datatype="INT64", shape=[2, 3])
+    short.raw_input_contents.append(b"\0" * 8)
+    with pytest.raises(OipError, match="binary_data_size is 8 bytes"):
+        grpc_oip.parse_request(short)
+    resp = grpc_oip.infer_response("m", "1", {"tags": np.ones((2, 2), np.float32)}, "rid")
+    assert resp.outputs[0].datatype == "FP32" and list(resp.outputs[0].shape) == [2, 2] and resp.id == "rid"
+    assert np.frombuffer(resp.raw_output_contents[0], np.float32).tolist() == [1.0] * 4
+
+
+def test_ensemble_features_pad_to_the_models_length_and_zero_rejected_rows(tiny_packages) -> None:
+    """Serve's NAME_ensemble and Triton's preprocess model give one fixed
+    shape per request: text at max_length, a rejected record a zero row."""
+    from pipeline.package import load_package
+    from pipeline.predictor import Predictor
+    from pipeline.records import record_bytes
+    from pipeline.tooling.sample_data import generate
+
+    pkg = load_package(tiny_packages["medical"])
+    pred = Predictor(pkg, None)
+    seq = pkg.spec.preprocessing.text.max_length
+    good = [record_bytes(s.record) for s in generate("medical", 3, seed=4)]
+    raws = [good[0], b"not json", *good[1:]]
+    out = oip.ensemble_features(pred.pre, pred.decode(raws), seq)
+    assert out["VALID"][:, 0].tolist() == [True, False, True, True]
+    assert out["ERROR"][1, 0] == b"bad_json" and out["ERROR"][0, 0] == b""
+    assert out["input_ids"].shape == (4, seq) and out["TOKEN_OFFSETS"].shape == (4, seq, 2)
+    assert (out["input_ids"][1] == pred.pre.text.pad_id).all() and not out["presence"][1].any()
+    ref = pred.pre.collate([pred.pre.prepare(r) for r in good])
+    width = ref["input_ids"].shape[1]
+    assert np.array_equal(out["input_ids"][[0, 2, 3], :width], ref["input_ids"])
+    assert np.array_equal(out["attention_mask"][[0, 2, 3], :width], ref["attention_mask"])
+    assert not out["attention_mask"][:, width:].any()

@@ -24,7 +24,8 @@ from deploy.serve import cli
 from deploy.serve.app import build_app
 from deploy.serve.ingress import HttpError, _json_records, decode_content
 from deploy.serve.metrics_hub import exposition
-from deploy.serve.model import _Queued, merge_feeds, split_outputs
+from deploy.serve.model import Failure, ModelRuntime, _TensorCall
+from pipeline.engines.base import EngineUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,11 +36,47 @@ def test_example_config_is_a_valid_serve_config() -> None:
     schema = cli.validate(config)
     app = schema.applications[0]
     assert app.import_path == cli.BUILDER
-    assert {d.name for d in app.deployments} == {"ingress", "retail-fusion", "medical-fusion", "media-fusion"}
+    assert {d.name for d in app.deployments} == {"server"}
     assert config["applications"][0]["args"]["models"][0]["package"] == "/srv/demo-out/packages/retail"
-    for d in app.deployments:
-        if d.name != "ingress":
-            UserConfig.model_validate(d.user_config)
+    UserConfig.model_validate(app.deployments[0].user_config)
+    assert config["grpc_options"]["grpc_servicer_functions"] == ["deploy.serve.grpc_oip.add_servicer"]
+
+
+def test_example_config_fits_a_two_core_machine() -> None:
+    """The README's example starts where a new user tries it: 2 CPUs, no GPU."""
+    config = cli.load_serve_config(ROOT / "deploy" / "serve" / "serve.example.yaml")
+    cli.validate(config)
+    cli.check_resources(config, {"CPU": 2.0})
+    need, _ = cli.resource_demand(config)
+    assert need["CPU"] <= 2 and "GPU" not in need
+
+
+def test_a_config_ray_cannot_place_says_what_is_short() -> None:
+    config = {"applications": [{
+        "name": "a", "import_path": cli.BUILDER, "args": {"models": [{"package": "/p"}]},
+        "deployments": [{"name": "server", "num_replicas": 3, "ray_actor_options": {"num_cpus": 2, "num_gpus": 0.5}}],
+    }]}
+    cli.validate(config)
+    with pytest.raises(ConfigError) as err:
+        cli.check_resources(config, {"CPU": 2.0})
+    msg = str(err.value)
+    assert "CPU: needs 6, the Ray cluster has 2 (4 short)" in msg
+    assert "GPU: needs 1.5, the Ray cluster has 0 (1.5 short)" in msg
+    assert "a/server: 3 replica(s)" in msg
+    # a deployment the config does not list runs at the code's default: 1 CPU
+    bare = {"applications": [{"name": "a", "import_path": cli.BUILDER, "args": {"models": [{"package": "/p"}]}}]}
+    assert cli.resource_demand(bare)[0] == {"CPU": 1.0}
+    cli.check_resources(bare, {"CPU": 1.0})
+
+
+def test_grpc_options_are_added_for_mmpipe_apps() -> None:
+    config = {"applications": [{"name": "a", "import_path": cli.BUILDER, "args": {"models": [{"package": "/p"}]}}]}
+    out = cli.with_grpc(config, 9123)
+    assert out["grpc_options"]["port"] == 9123
+    assert out["grpc_options"]["grpc_servicer_functions"] == ["deploy.serve.grpc_oip.add_servicer"]
+    assert cli.with_grpc(out)["grpc_options"] == out["grpc_options"]
+    other = {"applications": [{"name": "b", "import_path": "x:y"}]}
+    assert "grpc_options" not in cli.with_grpc(other)
 
 
 def test_invalid_configs_are_refused(tmp_path: Path) -> None:
@@ -74,8 +111,6 @@ def test_relative_paths_become_absolute() -> None:
 def test_app_args_validation() -> None:
     with pytest.raises(ValueError, match="repeated"):
         AppArgs.model_validate({"models": [{"package": "a", "name": "m"}, {"package": "b", "name": "m"}]})
-    with pytest.raises(ValueError, match="ingress"):
-        AppArgs.model_validate({"models": [{"package": "a", "name": "ingress"}]})
     with pytest.raises(ValueError):
         AppArgs.model_validate({"models": [{"package": "a"}], "colour": "red"})
     with pytest.raises(ValueError):
@@ -108,24 +143,70 @@ SIG_IN = [Spec("input_ids", "int64", ["batch", "sequence"]), Spec("attention_mas
 SIG_OUT = [Spec("cls", "float32", ["batch", 3]), Spec("tags", "float32", ["batch", "sequence", 4])]
 
 
-def _call(rows: int, seq: int) -> _Queued:
-    feeds = {"input_ids": np.full((rows, seq), 7, np.int64), "attention_mask": np.ones((rows, seq), np.int64),
+class _Engine:
+    """Records what it ran; fails on a batch holding a row whose first token is ``fail_on``."""
+
+    name, provider = "fake", "cpu"
+
+    def __init__(self, fail_on: int | None = None, unavailable: bool = False) -> None:
+        self.calls: list[dict[str, np.ndarray]] = []
+        self.fail_on = fail_on
+        self.unavailable = unavailable
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls.append(feeds)
+        if self.unavailable:
+            raise EngineUnavailable("down")
+        if self.fail_on is not None and (feeds["input_ids"][:, 0] == self.fail_on).any():
+            raise RuntimeError("bad row")
+        rows, seq = feeds["input_ids"].shape
+        return {"cls": feeds["input_ids"][:, :3].astype(np.float32).sum(axis=1, keepdims=True).repeat(3, 1),
+                "tags": np.broadcast_to(feeds["attention_mask"][:, :, None], (rows, seq, 4)).astype(np.float32)}
+
+
+def _runtime(engine: _Engine) -> ModelRuntime:
+    rt = object.__new__(ModelRuntime)
+    rt.name, rt.labels = "m", {"path": "online", "workload": "w", "model": "m"}
+    rt.metrics = get_metrics(CollectorRegistry())
+    rt.predictor = type("P", (), {"engine": engine})()
+    rt.inputs, rt.outputs = SIG_IN, SIG_OUT
+    rt.var_axes = {s.name: tuple(i for i, d in enumerate(s.shape) if isinstance(d, str) and d != "batch")
+                   for s in [*SIG_IN, *SIG_OUT]}
+    rt.pad_values = {"input_ids": 0}
+    return rt
+
+
+def _call(rows: int, seq: int, token: int = 7) -> _TensorCall:
+    feeds = {"input_ids": np.full((rows, seq), token, np.int64), "attention_mask": np.ones((rows, seq), np.int64),
              "presence": np.ones((rows, 2), np.float32)}
-    return _Queued(0.0, feeds=feeds, dims={"batch": rows, "sequence": seq})
+    return _TensorCall(0.0, feeds, {"batch": rows, "sequence": seq})
 
 
-def test_merge_pads_sequences_and_split_cuts_them_back() -> None:
-    calls = [_call(2, 3), _call(1, 5)]
-    merged = merge_feeds(calls, SIG_IN, {"input_ids": 0})
+def test_merged_calls_run_once_padded_and_split_back() -> None:
+    engine = _Engine()
+    first, second = _runtime(engine)._engine_run([_call(2, 3), _call(1, 5)])
+    assert len(engine.calls) == 1
+    merged = engine.calls[0]
     assert merged["input_ids"].shape == (3, 5) and merged["presence"].shape == (3, 2)
     assert merged["input_ids"][:2, 3:].tolist() == [[0, 0], [0, 0]]  # pad id
     assert merged["attention_mask"][:2].sum(axis=1).tolist() == [3, 3]  # pads masked out
-    outputs = {"cls": np.arange(9, dtype=np.float32).reshape(3, 3),
-               "tags": np.arange(60, dtype=np.float32).reshape(3, 5, 4)}
-    first, second = split_outputs(outputs, calls, SIG_OUT)
-    assert first["cls"].tolist() == outputs["cls"][:2].tolist() and first["tags"].shape == (2, 3, 4)
-    assert second["tags"].tolist() == outputs["tags"][2:].tolist()
-    assert first["tags"].tolist() == outputs["tags"][:2, :3].tolist()
+    assert first["cls"].shape == (2, 3) and first["tags"].shape == (2, 3, 4)  # cut back to the call's length
+    assert second["tags"].shape == (1, 5, 4)
+
+
+def test_a_call_the_engine_fails_on_is_isolated() -> None:
+    engine = _Engine(fail_on=9)
+    good, bad, also_good = _runtime(engine)._engine_run([_call(1, 3), _call(1, 3, token=9), _call(2, 4)])
+    assert isinstance(bad, Failure) and bad.status == 500
+    assert good["cls"].shape == (1, 3) and also_good["cls"].shape == (2, 3)
+    assert len(engine.calls) == 4  # merged, then each call alone
+
+
+def test_an_unavailable_engine_fails_every_call_at_once() -> None:
+    engine = _Engine(unavailable=True)
+    out = _runtime(engine)._engine_run([_call(1, 3), _call(1, 3), _call(1, 3)])
+    assert all(isinstance(o, Failure) and o.status == 503 and "unavailable" in o.message for o in out)
+    assert len(engine.calls) == 1  # no call-by-call retries against a dead engine
 
 
 # -- metrics merge ---------------------------------------------------------------------------------------

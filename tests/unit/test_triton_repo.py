@@ -312,9 +312,7 @@ def test_preprocess_featurize_matches_the_predictor(onnx_pkgs: dict[str, Path]) 
     good = [record_bytes(s.record) for s in sample_data.generate("medical", 5, seed=21, missing_rate=0.3)]
     broken = sample_data.broken_records("medical")[:6]
     raws = [good[0], *[r if isinstance(r, bytes) else record_bytes(r) for r, _ in broken], *good[1:]]
-    specs = [{"name": t.name, "dtype": t.dtype, "dims": [seq if d == "sequence" else d for d in t.shape[1:]]}
-             for t in pkg.manifest.signature.inputs]
-    out = mod.featurize(pre, raws, specs, seq)
+    out = mod.featurize(Predictor(pkg, None), raws, seq)
     valid = out["VALID"][:, 0]
     assert valid.tolist() == [True] + [False] * len(broken) + [True] * (len(good) - 1)
     assert [e.decode() for e in out["ERROR"][1 : 1 + len(broken), 0]] == [code for _, code in broken]

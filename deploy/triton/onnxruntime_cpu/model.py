@@ -3,7 +3,8 @@
 Same inputs, outputs and batching as NAME (the onnxruntime-backend model),
 for Triton builds that have only the python backend (the nvidia-pytriton
 wheel, CPU-only nodes).  It needs numpy and onnxruntime in the stub's Python
-environment, not mmpipe.
+environment, and mmpipe's ``pipeline`` (for the one padding rule), imported
+from the ``MMPIPE_PYTHONPATH`` config parameter like the preprocess model.
 
 Triton's dynamic batcher hands ``execute`` several requests; they are run as
 one onnxruntime batch.  The config marks the text inputs ``allow_ragged_batch``
@@ -16,6 +17,7 @@ outputs are cut back to each request's own length.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,34 +32,35 @@ _NP = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_INT64": np.int64,
        "TYPE_BOOL": np.bool_}
 
 
+def _pythonpath(value: str) -> None:
+    """Make ``pipeline`` importable from the configured source roots (the
+    ``MMPIPE_PYTHONPATH`` parameter, as the preprocess model reads it)."""
+    for entry in reversed([p for p in value.split(":") if p]):
+        if Path(entry).is_dir() and entry not in sys.path:
+            sys.path.insert(0, entry)
+
+
 def merge(batches: list[dict[str, np.ndarray]], seq_inputs: list[str], pad: dict[str, int]) -> dict[str, np.ndarray]:
-    """Concatenate requests along the batch axis, padding sequence inputs
-    (axis 1) to the longest request."""
-    out = {}
-    for name in batches[0]:
-        arrs = [b[name] for b in batches]
-        if name in seq_inputs:
-            longest = max(a.shape[1] for a in arrs)
-            arrs = [np.pad(a, ((0, 0), (0, longest - a.shape[1])) + ((0, 0),) * (a.ndim - 2),
-                           constant_values=pad.get(name, 0)) for a in arrs]
-        out[name] = np.ascontiguousarray(np.concatenate(arrs, axis=0))
-    return out
+    """Requests along the batch axis, sequence inputs (axis 1) padded to the
+    longest request by mmpipe's one padding rule (``pipeline.columnar.pad_concat``)."""
+    from pipeline.columnar import pad_concat
+
+    return {name: np.ascontiguousarray(pad_concat([b[name] for b in batches], (1,) if name in seq_inputs else (),
+                                                  pad.get(name, 0)))
+            for name in batches[0]}
 
 
 def split(outputs: dict[str, np.ndarray], sizes: list[int], seq_lens: list[int | None],
           seq_outputs: list[str]) -> list[dict[str, np.ndarray]]:
-    """Undo ``merge`` for the outputs: rows back to their requests, sequence
-    outputs cut to each request's length."""
-    parts, start = [], 0
-    for n, s in zip(sizes, seq_lens):
-        part = {}
-        for name, arr in outputs.items():
-            rows = arr[start : start + n]
-            if name in seq_outputs and s is not None:
-                rows = rows[:, :s]
-            part[name] = np.ascontiguousarray(rows)
-        parts.append(part)
-        start += n
+    """Undo ``merge`` for the outputs (``pipeline.columnar.cut_rows``),
+    sequence outputs cut to each request's length."""
+    from pipeline.columnar import cut_rows
+
+    rows = {name: cut_rows(arr, sizes) for name, arr in outputs.items()}
+    parts = []
+    for i, s in enumerate(seq_lens):
+        parts.append({name: np.ascontiguousarray(r[i][:, :s] if name in seq_outputs and s is not None else r[i])
+                      for name, r in rows.items()})
     return parts
 
 
@@ -67,6 +70,7 @@ class TritonPythonModel:
 
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        _pythonpath(params.get("MMPIPE_PYTHONPATH", ""))
         path = Path(args["model_repository"]) / args["model_version"] / params.get("MODEL_FILE", "model.onnx")
         so = ort.SessionOptions()
         threads = int(params.get("ORT_INTRA_OP_THREADS", "0") or 0)

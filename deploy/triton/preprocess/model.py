@@ -12,8 +12,8 @@ A bad record gets ``VALID=false`` and its reason code; its row is zero-filled
 with an all-zero presence mask and the other rows of the request answer as
 usual.  Only a broken request (not a broken record) fails the request.
 
-It runs mmpipe's own ``Preprocessor`` from the package copy placed beside
-this file, so Triton clients get exactly the features every other path
+It runs mmpipe's own decoding (``Predictor.decode`` into a columnar batch,
+padded by the batch's own rule) from the package copy placed beside this file, so Triton clients get exactly the features every other path
 computes.  ``pipeline`` is imported from the ``MMPIPE_PYTHONPATH`` config
 parameter when set, else from the stub's Python environment.  Record content
 is never logged.
@@ -45,13 +45,14 @@ def add_pythonpath(value: str) -> None:
             sys.path.insert(0, entry)
 
 
-def load_preprocessor(package_dir: Path, allowed_uri_schemes: list[str]):
-    """The package's Preprocessor, from a manifest and the files preprocessing
-    needs (tokenizer), each verified against the manifest's sha256."""
+def load_decoder(package_dir: Path, allowed_uri_schemes: list[str]):
+    """A decode-only Predictor for the package (no engine: this model only
+    featurizes), from a manifest and the files preprocessing needs
+    (tokenizer), each verified against the manifest's sha256."""
     from pipeline.config import MediaConfig
     from pipeline.errors import PackageError
     from pipeline.package import ModelPackage, read_manifest, sha256_file
-    from pipeline.preprocess import Preprocessor
+    from pipeline.predictor import Predictor
 
     manifest = read_manifest(package_dir)
     pkg = ModelPackage(package_dir, manifest)
@@ -61,66 +62,17 @@ def load_preprocessor(package_dir: Path, allowed_uri_schemes: list[str]):
             raise PackageError(f"checksum mismatch for {rel} in {package_dir} (file altered or corrupt)")
     # Online callers must not make the server read its own files: no URIs
     # unless the config lists schemes.
-    return pkg, Preprocessor.for_package(pkg, media=MediaConfig(allowed_uri_schemes=allowed_uri_schemes))
+    return Predictor(pkg, None, media=MediaConfig(allowed_uri_schemes=allowed_uri_schemes), path="triton")
 
 
-SEQUENCE_INPUTS = ("input_ids", "attention_mask")
-
-
-def featurize(pre, raws: list[bytes], input_specs: list[dict[str, Any]], seq_len: int | None) -> dict[str, np.ndarray]:
+def featurize(predictor, raws: list[bytes], seq_len: int | None) -> dict[str, np.ndarray]:
     """Model inputs + VALID / ERROR / ERROR_MESSAGE (+ TOKEN_OFFSETS) for a
-    list of raw records; bad records become zero rows with their reason.
+    list of raw records: ``Predictor.decode`` into one columnar batch, then
+    the ensemble's fixed-length form (:func:`pipeline.oip.ensemble_features`,
+    the same function Serve's ``NAME_ensemble`` uses)."""
+    from pipeline.oip import ensemble_features
 
-    ``input_specs``: name, numpy dtype and per-row dims (text at its fixed
-    length ``seq_len``) of every model input."""
-    from pipeline.errors import Reason, RecordError
-
-    n = len(raws)
-    prepared, rows = [], []
-    valid = np.zeros((n, 1), dtype=bool)
-    error = np.full((n, 1), b"", dtype=object)
-    message = np.full((n, 1), b"", dtype=object)
-    for i, raw in enumerate(raws):
-        try:
-            p = pre.prepare(bytes(raw))
-        except RecordError as err:
-            error[i, 0], message[i, 0] = err.code.value.encode(), err.message.encode()
-            continue
-        except Exception as exc:  # a decoder bug must not take the request down
-            error[i, 0] = Reason.BAD_RECORD.value.encode()
-            message[i, 0] = f"record could not be processed ({type(exc).__name__})".encode()
-            continue
-        prepared.append(p)
-        rows.append(i)
-        valid[i, 0] = True
-    out: dict[str, np.ndarray] = {}
-    feeds = pre.collate(prepared) if prepared else {}
-    ids_name = pre.input_name("text.input_ids") if pre.text is not None else None
-    sequence_inputs = {pre.input_name(f"text.{k}") for k in ("input_ids", "attention_mask", "token_type_ids")}
-    for spec in input_specs:
-        name, dtype = spec["name"], np.dtype(spec["dtype"])
-        fill = pre.text.pad_id if name == ids_name else 0
-        arr = np.full((n, *spec["dims"]), fill, dtype=dtype)
-        if name in feeds:
-            src = feeds[name].astype(dtype, copy=False)
-            if name in sequence_inputs:  # collate padded to the longest; pad on to the fixed length
-                arr[rows, : src.shape[1]] = src
-            else:
-                arr[rows] = src
-        out[name] = arr
-    out["VALID"], out["ERROR"], out["ERROR_MESSAGE"] = valid, error, message
-    if seq_len is not None:
-        offsets = np.zeros((n, seq_len, 2), dtype=np.int64)
-        for i, p in zip(rows, prepared):
-            if p.offsets:
-                offsets[i, : len(p.offsets)] = np.asarray(p.offsets, dtype=np.int64)
-        out["TOKEN_OFFSETS"] = offsets
-    return out
-
-
-_NP = {"TYPE_FP32": "float32", "TYPE_FP16": "float16", "TYPE_INT64": "int64", "TYPE_INT32": "int32",
-       "TYPE_BOOL": "bool", "TYPE_STRING": "object"}
-_EXTRA = ("VALID", "ERROR", "ERROR_MESSAGE", "TOKEN_OFFSETS")
+    return ensemble_features(predictor.pre, predictor.decode(bytes(r) for r in raws), seq_len)
 
 
 class TritonPythonModel:
@@ -138,11 +90,10 @@ class TritonPythonModel:
             ) from exc
         version_dir = Path(args["model_repository"]) / args["model_version"]
         schemes = [s for s in params.get("ALLOWED_URI_SCHEMES", "").split(",") if s.strip()]
-        self.pkg, self.pre = load_preprocessor(version_dir / params.get("PACKAGE_DIR", "package"), schemes)
+        self.predictor = load_decoder(version_dir / params.get("PACKAGE_DIR", "package"), schemes)
+        self.pkg = self.predictor.package
         text = self.pkg.spec.preprocessing.text
         self.seq_len = text.max_length if text is not None else None
-        self.specs = [{"name": o["name"], "dtype": _NP[o["data_type"]], "dims": [int(d) for d in o["dims"]]}
-                      for o in config["output"] if o["name"] not in _EXTRA]
         self.output_names = [o["name"] for o in config["output"]]
         pb_utils.Logger.log_info(
             f"mmpipe preprocess ready: package {self.pkg.name} v{self.pkg.version}, workload {self.pkg.spec.name}"
@@ -153,7 +104,7 @@ class TritonPythonModel:
         for request in requests:
             try:
                 raws = pb_utils.get_input_tensor_by_name(request, "RECORD").as_numpy().reshape(-1).tolist()
-                out = featurize(self.pre, raws, self.specs, self.seq_len)
+                out = featurize(self.predictor, raws, self.seq_len)
                 tensors = [pb_utils.Tensor(name, out[name]) for name in self.output_names]
                 responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             except Exception as exc:
@@ -162,4 +113,4 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
-        self.pre = None
+        self.predictor = None

@@ -183,12 +183,18 @@ spec:
         - {name: client, containerPort: 10001}
         {{- end }}
         - {name: serve, containerPort: 8000}
+        {{- if .grpc }}
+        - {name: serve-grpc, containerPort: 9000}
+        {{- end }}
         - {name: metrics, containerPort: 8080}
       env:
         - name: HOME
           value: /tmp
         - name: RAY_USAGE_STATS_ENABLED
           value: "0"
+        {{- with .env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
         {{- include "mmpipe.secretEnv" $root | nindent 8 }}
       resources:
         {{- include "mmpipe.resources" (dict "root" $root "resources" .resources "gpus" .gpus) | nindent 8 }}

@@ -1,0 +1,129 @@
+"""The Open Inference Protocol over gRPC: Triton's ``GRPCInferenceService``
+(the protobuf ``tritonclient`` ships) mapped onto the same calls the HTTP
+routes make, so ``tritonclient.grpc`` works against Serve as against Triton.
+
+Serve's gRPC proxy (``grpc_options.grpc_servicer_functions`` naming
+:func:`add_servicer`, tritonclient's servicer registration)
+calls the server deployment's method of the RPC's name with the request
+message; :class:`GrpcMethods` is that set of methods, mixed into the
+deployment.  Errors carry a gRPC status code and the message the HTTP route
+would give (the same :class:`~pipeline.oip.OipError` wording).
+Only the codec lives here; what a call means is the deployment's.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from pipeline.oip import OipError, datatype_of, dtype_of, tensor_from_bytes, tensor_to_bytes
+
+# tritonclient's generated classes say they live in ``grpc_service_pb2``
+# (the proto's own module name), which nothing can import: Serve's classic
+# proxy pickles the request to hand it to a replica, and unpickling needs
+# that name.  Alias it wherever this module is imported (the proxy imports
+# it through SERVICER, replicas through the server).
+sys.modules.setdefault(service_pb2.ModelInferRequest.__module__, service_pb2)
+sys.modules.setdefault(model_config_pb2.ModelConfig.__module__, model_config_pb2)
+
+
+STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+          413: grpc.StatusCode.RESOURCE_EXHAUSTED, 415: grpc.StatusCode.INVALID_ARGUMENT,
+          500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE}
+"""HTTP status of an answer -> gRPC status code (Triton answers argument errors with INVALID_ARGUMENT)."""
+
+SERVICER = "deploy.serve.grpc_oip.add_servicer"
+"""What a Serve config's ``grpc_options.grpc_servicer_functions`` lists:
+tritonclient's ``add_GRPCInferenceServiceServicer_to_server`` behind the
+module alias above."""
+
+
+def add_servicer(servicer: Any, server: Any) -> None:
+    """Register Triton's ``GRPCInferenceService`` on Serve's gRPC proxy."""
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+
+_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+             "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+             "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+def abort(context: Any, status: int, message: str) -> None:
+    """Mark the call failed with the gRPC code of ``status`` and ``message``."""
+    context.set_code(STATUS.get(status, grpc.StatusCode.UNKNOWN))
+    context.set_details(message)
+
+
+def _from_contents(name: str, datatype: str, shape: tuple[int, ...], contents: Any) -> np.ndarray:
+    field = _CONTENTS.get(datatype)
+    if field is None:
+        raise OipError(f"input {name!r}: datatype {datatype} must be sent in raw_input_contents")
+    values = list(getattr(contents, field))
+    count = int(np.prod(shape)) if shape else 1
+    if len(values) != count:
+        raise OipError(f"input {name!r}: {len(values)} elements for shape {list(shape)} ({count} expected)")
+    if datatype == "BYTES":
+        arr = np.empty(count, dtype=object)
+        arr[:] = values
+        return arr.reshape(shape)
+    return np.asarray(values, dtype=dtype_of(datatype)).reshape(shape)
+
+
+def parse_request(req: Any) -> tuple[dict[str, np.ndarray], list[str] | None]:
+    """(inputs by name, requested output names or ``None``) of a
+    ``ModelInferRequest``; raises :class:`OipError` as the HTTP codec does."""
+    if not req.inputs:
+        raise OipError("request needs at least one input")
+    raw = list(req.raw_input_contents)
+    if raw and len(raw) != len(req.inputs):
+        raise OipError(f"raw_input_contents has {len(raw)} entries for {len(req.inputs)} inputs")
+    inputs: dict[str, np.ndarray] = {}
+    for i, t in enumerate(req.inputs):
+        if t.name in inputs:
+            raise OipError(f"input {t.name!r} is given twice")
+        if any(k.startswith("shared_memory") for k in t.parameters):
+            raise OipError(f"input {t.name!r}: shared-memory tensors are not supported by this server")
+        shape = tuple(int(d) for d in t.shape)
+        if any(d < 0 for d in shape):
+            raise OipError(f"input {t.name!r}: shape {list(shape)} has a negative dimension")
+        dtype_of(t.datatype)
+        if raw:
+            inputs[t.name] = tensor_from_bytes(t.name, t.datatype, shape, raw[i])
+        else:
+            inputs[t.name] = _from_contents(t.name, t.datatype, shape, t.contents)
+    requested = [o.name for o in req.outputs] if req.outputs else None
+    return inputs, requested
+
+
+def infer_response(model: str, version: str, outputs: Mapping[str, np.ndarray], request_id: str) -> Any:
+    """A ``ModelInferResponse`` with every output in ``raw_output_contents``
+    (what tritonclient's ``as_numpy`` reads)."""
+    resp = service_pb2.ModelInferResponse(model_name=model, model_version=version, id=request_id)
+    for name, arr in outputs.items():
+        arr = np.asarray(arr)
+        datatype, blob = tensor_to_bytes(arr)
+        resp.outputs.add(name=name, datatype=datatype, shape=list(arr.shape))
+        resp.raw_output_contents.append(blob)
+    return resp
+
+
+def metadata_response(meta: Mapping[str, Any]) -> Any:
+    resp = service_pb2.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
+    for key in ("inputs", "outputs"):
+        for t in meta[key]:
+            getattr(resp, key).add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+    return resp
+
+
+def config_response(cfg: Mapping[str, Any]) -> Any:
+    return service_pb2.ModelConfigResponse(config=json_format.ParseDict(cfg, model_config_pb2.ModelConfig()))
+
+
+__all__ = ["SERVICER", "STATUS", "abort", "add_servicer", "config_response", "datatype_of", "infer_response",
+           "metadata_response", "parse_request", "service_pb2"]
