@@ -60,7 +60,7 @@ class OutMessage:
     kind: Literal["result", "dlq"]
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None only for the dead letter of a tombstone
     headers: list[tuple[str, bytes]]
     source: InMessage
     reason: str | None = None
@@ -154,10 +154,31 @@ class MicroBatcher:
         return before - len(self._buf)
 
 
+def encode_results(results: Sequence[Result]) -> list[bytes]:
+    """The wire form of a batch's results: one JSON document each.
+
+    The one place the stream serialises results, so it can move to a
+    whole-batch encoder without touching the stages around it."""
+    return [r.model_dump_json(exclude_none=True).encode() for r in results]
+
+
+@dataclass
+class Decoded:
+    """A micro-batch after its decode half: dead letters already in their
+    slots (input order), the prepared records waiting for the engine."""
+
+    slots: list[OutMessage | None]
+    ok: list[tuple[int, InMessage, Prepared]]
+
+
 class PredictStage:
     """Deserialize + predict: a micro-batch of messages in, one OutMessage per
     message out, in input order.  Rejected records become dead letters that
-    carry the original bytes, the source coordinates and the reason code."""
+    carry the original bytes, the source coordinates and the reason code.
+
+    Two halves, :meth:`decode` and :meth:`finish` (engine + encoding), so the
+    consumer can decode one batch while the engine runs the previous one;
+    calling the stage runs both."""
 
     def __init__(self, predictor: Predictor, output_topic: str, dlq_topic: str) -> None:
         self.predictor = predictor
@@ -165,15 +186,23 @@ class PredictStage:
         self.dlq_topic = dlq_topic
         pkg = predictor.package
         self._model = [(H_MODEL, pkg.name.encode()), (H_VERSION, pkg.version.encode())]
+        self._topics: dict[str, bytes] = {}
+        # Labeled children bound once: no label look-up per batch or message.
+        self._preprocess_seconds = predictor.metrics.stage_seconds.labels(**self.labels, stage="preprocess")
 
     def __call__(self, batch: Sequence[InMessage]) -> list[OutMessage]:
+        return self.finish(self.decode(batch))
+
+    def decode(self, batch: Sequence[InMessage]) -> Decoded:
+        """Validate and decode every message (the CPU-heavy half)."""
         pred = self.predictor
         t0 = time.perf_counter()
         slots: list[OutMessage | None] = []
         ok: list[tuple[int, InMessage, Prepared]] = []
         for m in batch:
             if m.value is None:
-                item: Prepared | Result = pred.error_result(None, Reason.BAD_RECORD, "message has no value")
+                item: Prepared | Result = pred.error_result(
+                    None, Reason.TOMBSTONE, "message has a null value (a tombstone), not a record")
             else:
                 item = pred.prepare(m.value)
             if isinstance(item, Result):
@@ -181,10 +210,23 @@ class PredictStage:
             else:
                 ok.append((len(slots), m, item))
                 slots.append(None)
-        pred.metrics.stage_seconds.labels(**self.labels, stage="preprocess").observe(time.perf_counter() - t0)
-        results = pred.infer([p for _, _, p in ok]) if ok else []
-        for (idx, m, _), res in zip(ok, results, strict=True):
-            slots[idx] = self.result(m, res) if res.error is None else self.dead_letter(m, res)
+        self._preprocess_seconds.observe(time.perf_counter() - t0)
+        return Decoded(slots, ok)
+
+    def finish(self, decoded: Decoded) -> list[OutMessage]:
+        """Run the engine on the decoded records and encode the results once
+        for the whole batch; engine failures become dead letters."""
+        slots = decoded.slots
+        results = self.predictor.infer([p for _, _, p in decoded.ok]) if decoded.ok else []
+        good: list[tuple[int, InMessage, Result]] = []
+        for (idx, m, _), res in zip(decoded.ok, results, strict=True):
+            if res.error is None:
+                good.append((idx, m, res))
+            else:
+                slots[idx] = self.dead_letter(m, res)
+        for (idx, m, res), value in zip(good, encode_results([r for _, _, r in good]), strict=True):
+            slots[idx] = OutMessage("result", self.output_topic, res.id.encode(), value,
+                                    self._model + self._source(m), m)
         return [s for s in slots if s is not None]
 
     @property
@@ -192,27 +234,25 @@ class PredictStage:
         return {"path": self.predictor.path, "workload": self.predictor.spec.name, "model": self.predictor.package.name}
 
     def _source(self, m: InMessage) -> list[tuple[str, bytes]]:
-        return [(H_TOPIC, m.topic.encode()), (H_PARTITION, str(m.partition).encode()),
-                (H_OFFSET, str(m.offset).encode())]
-
-    def result(self, m: InMessage, res: Result) -> OutMessage:
-        return OutMessage(
-            "result", self.output_topic, res.id.encode(), res.model_dump_json(exclude_none=True).encode(),
-            self._model + self._source(m), m,
-        )
+        topic = self._topics.get(m.topic)
+        if topic is None:
+            topic = self._topics[m.topic] = m.topic.encode()
+        return [(H_TOPIC, topic), (H_PARTITION, str(m.partition).encode()), (H_OFFSET, str(m.offset).encode())]
 
     def dead_letter(self, m: InMessage, res: Result) -> OutMessage:
+        """The input's key and value as they came (a tombstone stays null),
+        the reason in the headers."""
         assert res.error is not None
         # The error message describes sizes and formats only, never content.
         headers = [(H_REASON, res.error.code.encode()), (H_ERROR, res.error.message.encode()),
                    *self._model, *self._source(m)]
-        return OutMessage("dlq", self.dlq_topic, m.key, m.value or b"", headers, m, reason=res.error.code)
+        return OutMessage("dlq", self.dlq_topic, m.key, m.value, headers, m, reason=res.error.code)
 
 
 def result_of_message(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None, *,
                       dead_letter: bool) -> Result:
     """The :class:`Result` an output or dead-letter message stands for: the
-    inverse of :meth:`PredictStage.result` and :meth:`PredictStage.dead_letter`,
+    inverse of :meth:`PredictStage.finish` and :meth:`PredictStage.dead_letter`,
     so a reader of those topics (``mmpipe verify``, a test) gets what every
     other path returns.  A dead letter's record id is its key (the input's
     key: producers key records by id); its reason code and message come from
