@@ -13,11 +13,13 @@ import datetime as dt
 import hashlib
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pipeline
+from pipeline.log import ID_KEY_ENV, id_hash_key
 from pipeline.spec import BUILTIN_WORKLOADS, WorkloadSpec, load_workload
 
 TRAIN_RECORDS = 1200
@@ -119,6 +121,11 @@ def run_demo(
     from pipeline.config import BatchConfig, EngineConfig, Settings
 
     out.mkdir(parents=True, exist_ok=True)
+    if id_hash_key() is None:
+        # The demo's medical records are made up, but the workload still
+        # pseudonymises ids in logs: a key for this run only, never stored.
+        os.environ[ID_KEY_ENV] = secrets.token_hex(32)
+        print(f"record ids in logs are pseudonymised with a one-run key (set {ID_KEY_ENV} to keep one)", flush=True)
     print(f"preparing models (cached in {cache_root() / 'models'}) and sample data ...", flush=True)
     inputs = {w: prepare_workload(w, out, records, retrain) for w in workloads}
     settings = Settings(

@@ -1,19 +1,23 @@
 """Structured JSON logging that never carries record content.
 
 Log calls pass an event name and explicit fields; nothing in mmpipe logs a
-record, a text, or media bytes.  Record ids are logged as is, or as a short
-salted-free sha256 prefix when the workload's privacy rules say ids are
-sensitive (medical accession numbers).
+record, a text, or media bytes.  Record ids are logged as is, or as a keyed
+pseudonym (HMAC-SHA256 with a secret from ``MMPIPE_ID_HASH_KEY``) when the
+workload's privacy rules say ids are sensitive (medical accession numbers).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
+
+from pipeline.errors import ConfigError
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -56,8 +60,35 @@ def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> 
     logger.log(level, event, extra=fields)
 
 
-def safe_id(record_id: str, hash_ids: bool) -> str:
-    """Record id as it may appear in logs."""
+ID_KEY_ENV = "MMPIPE_ID_HASH_KEY"
+"""Environment variable holding the secret key of record-id pseudonyms."""
+
+
+def id_hash_key() -> bytes | None:
+    """The pseudonym key from the environment (None when unset or empty)."""
+    value = os.environ.get(ID_KEY_ENV, "")
+    return value.encode("utf-8") if value else None
+
+
+def require_id_hash_key(workload: str) -> None:
+    """Refuse to start a workload that hashes ids without a key: an
+    unkeyed hash of an accession number is recovered by hashing every
+    candidate, so it would only look private."""
+    if id_hash_key() is None:
+        raise ConfigError(
+            f"workload {workload!r} pseudonymises record ids in logs (privacy.hash_ids) but no key is set: "
+            f"set {ID_KEY_ENV} to a secret of at least 16 characters (for example `export {ID_KEY_ENV}=$(openssl "
+            "rand -hex 32)`, or from a Kubernetes Secret: the Helm chart's privacy.idHashKeySecret)"
+        )
+
+
+def safe_id(record_id: str, hash_ids: bool, key: bytes | None = None) -> str:
+    """Record id as it may appear in logs: as is, or a keyed pseudonym
+    (HMAC-SHA256 with the secret key, first 16 hex digits) that nobody
+    without the key can link back to the id."""
     if not hash_ids:
         return record_id
-    return "h:" + hashlib.sha256(record_id.encode("utf-8", "replace")).hexdigest()[:16]
+    secret = key if key is not None else id_hash_key()
+    if secret is None:
+        return "h:unkeyed"  # never an unkeyed digest of the id
+    return "h:" + hmac.new(secret, record_id.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:16]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -124,9 +125,18 @@ def _safe_rel(root: Path, rel: str) -> Path:
 class ModelPackage:
     """A verified model package on disk."""
 
-    def __init__(self, root: Path, manifest: Manifest) -> None:
+    def __init__(self, root: Path, manifest: Manifest, digest: str | None = None) -> None:
         self.root = root
         self.manifest = manifest
+        self._digest = digest
+
+    @property
+    def digest(self) -> str:
+        """sha256 of ``manifest.json``: names this exact package (the
+        manifest holds every other file's checksum)."""
+        if self._digest is None:
+            self._digest = sha256_file(self.root / MANIFEST)
+        return self._digest
 
     @property
     def spec(self) -> WorkloadSpec:
@@ -197,14 +207,51 @@ def verify(root: Path, manifest: Manifest) -> None:
         raise PackageError(f"model package {root} refused: " + "; ".join(problems))
 
 
-def load_package(root: str | Path) -> ModelPackage:
-    """Read and verify a model package."""
+_verified: dict[tuple[str, str], tuple[tuple[str, int, int], ...]] = {}
+_verified_lock = threading.Lock()
+
+
+def _stat_key(root: Path, manifest: Manifest) -> tuple[tuple[str, int, int], ...]:
+    """Size and modification time of every listed file: what a rewrite changes."""
+    out = []
+    for rel in sorted(manifest.files):
+        try:
+            st = _safe_rel(root, rel).stat()
+            out.append((rel, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((rel, -1, -1))
+    return tuple(out)
+
+
+def load_package(root: str | Path, *, trusted_digest: str | None = None) -> ModelPackage:
+    """Read and verify a model package, hashing its files once per process.
+
+    A package already verified by this process (same manifest digest, same
+    file sizes and modification times) is not hashed again.  With
+    ``trusted_digest`` (the digest of a package another process of the same
+    run verified: the batch job's driver hands it to its workers) only the
+    manifest is hashed, and a package whose manifest differs is refused."""
     r = Path(root)
     if not r.is_dir():
         raise PackageError(f"model package directory not found: {r}")
     manifest = read_manifest(r)
-    verify(r, manifest)
-    return ModelPackage(r, manifest)
+    digest = sha256_file(r / MANIFEST)
+    if trusted_digest is not None:
+        if digest != trusted_digest:
+            raise PackageError(
+                f"model package {r} refused: its manifest digest {digest[:12]} is not the {trusted_digest[:12]} "
+                "this run verified (the package changed while the job ran)"
+            )
+        return ModelPackage(r, manifest, digest)
+    key = (str(r.resolve()), digest)
+    stats = _stat_key(r, manifest)
+    with _verified_lock:
+        known = _verified.get(key) == stats
+    if not known:
+        verify(r, manifest)
+        with _verified_lock:
+            _verified[key] = stats
+    return ModelPackage(r, manifest, digest)
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:

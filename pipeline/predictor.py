@@ -13,20 +13,25 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
+from pipeline.columnar import ColumnarBatch, Rejected, pad_concat
 from pipeline.config import Limits, MediaConfig, Settings
 from pipeline.engines import Engine, EngineUnavailable, create_engine
+from pipeline.engines.base import Isolated, run_isolated
 from pipeline.errors import PackageError, Reason, RecordError
-from pipeline.log import log_event, safe_id
+from pipeline.log import id_hash_key, log_event, require_id_hash_key, safe_id
 from pipeline.metrics import Metrics, get_metrics
 from pipeline.package import ModelPackage, load_package
-from pipeline.postprocess import head_result
+from pipeline.postprocess import head_columns
 from pipeline.preprocess import Prepared, Preprocessor
 from pipeline.records import ErrorInfo, Record, Result
+from pipeline.results import ResultBatch
+from pipeline.spec import HeadSpec
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +51,11 @@ def _guess_id(raw: RawRecord) -> str | None:
         return None
     rid = obj.get("id") if isinstance(obj, dict) else None
     return rid if isinstance(rid, str) and len(rid) <= 256 else None
+
+
+def _no_rows(head: HeadSpec) -> np.ndarray:
+    """Logits of an empty batch (every record of a chunk failed)."""
+    return np.zeros((0, 1, len(head.labels)) if head.type == "token" else (0, len(head.labels)), dtype=np.float32)
 
 
 class Predictor:
@@ -71,6 +81,18 @@ class Predictor:
         self._outputs = package.manifest.signature.head_outputs()
         self.metrics = metrics or get_metrics()
         self._labels = {"path": path, "workload": self.spec.name, "model": package.name}
+        if self.spec.privacy.hash_ids:
+            require_id_hash_key(self.spec.name)
+        self._id_key = id_hash_key()
+        # Labelled children bound once: a label look-up per record adds up.
+        m, lab = self.metrics, self._labels
+        self._records_ok = m.records.labels(**lab, outcome="ok")
+        self._records_error = m.records.labels(**lab, outcome="error")
+        self._stage_pre = m.stage_seconds.labels(**lab, stage="preprocess")
+        self._stage_infer = m.stage_seconds.labels(**lab, stage="infer")
+        self._stage_post = m.stage_seconds.labels(**lab, stage="postprocess")
+        self._batch_size = m.batch_size.labels(**lab)
+        self._request = m.request_seconds.labels(**lab)
         if engine is None:
             # Decode-only: ``prepare`` without a model loaded (the batch job's
             # CPU decode tasks); ``infer`` refuses.
@@ -97,107 +119,143 @@ class Predictor:
 
     # -- results --------------------------------------------------------------
     def error_result(self, record_id: str | None, code: Reason, message: str) -> Result:
-        self.metrics.records.labels(**self._labels, outcome="error").inc()
-        self.metrics.errors.labels(**self._labels, reason=code.value).inc()
-        log_event(
-            logger, logging.DEBUG, "record_rejected", reason=code.value,
-            record=safe_id(record_id, self.spec.privacy.hash_ids) if record_id else None,
-            workload=self.spec.name, path=self.path,
-        )
+        """A rejected record's Result (counted and logged like every rejection)."""
+        self._count_rejections([code.value], [record_id or ""])
         return Result(
             id=record_id or "", workload=self.spec.name, model=self.package.name,
             model_version=self.package.version, engine=self.engine.name if self.engine else None,
             provider=self.engine.provider if self.engine else None, error=ErrorInfo(code=code.value, message=message),
         )
 
-    # -- the two halves ----------------------------------------------------------
-    def prepare(self, raw: RawRecord) -> Prepared | Result:
-        """Decode one record, or return its error Result."""
+    def _count_rejections(self, codes: Sequence[str], ids: Sequence[str]) -> None:
+        if not codes:
+            return
+        self._records_error.inc(len(codes))
+        for code, n in Counter(codes).items():
+            self.metrics.errors.labels(**self._labels, reason=code).inc(n)
+        if logger.isEnabledFor(logging.DEBUG):
+            for code, rid in zip(codes, ids, strict=True):
+                log_event(logger, logging.DEBUG, "record_rejected", reason=code,
+                          record=safe_id(rid, self.spec.privacy.hash_ids, self._id_key) if rid else None,
+                          workload=self.spec.name, path=self.path)
+
+    # -- decode ------------------------------------------------------------------
+    def _decode_one(self, raw: RawRecord) -> Prepared | tuple[str | None, Reason, str]:
         try:
             return self.pre.prepare(raw)
         except RecordError as err:
-            return self.error_result(_guess_id(raw), err.code, err.message)
+            return _guess_id(raw), err.code, err.message
         except Exception as exc:  # a decoder bug must not take the batch down
             log_event(logger, logging.ERROR, "preprocess_bug", exc_type=type(exc).__name__)
-            return self.error_result(
-                _guess_id(raw), Reason.BAD_RECORD, f"record could not be processed ({type(exc).__name__})"
-            )
+            return _guess_id(raw), Reason.BAD_RECORD, f"record could not be processed ({type(exc).__name__})"
 
-    def infer(self, prepared: Sequence[Prepared]) -> list[Result]:
-        """Run prepared records through the engine in chunks of ``batch_size``."""
+    def decode(self, raws: Iterable[RawRecord]) -> ColumnarBatch:
+        """Validate and decode raw records into one columnar batch; a record
+        that fails becomes a rejected row with its reason code (counted once,
+        here)."""
+        t0 = time.perf_counter()
+        builder = self.pre.builder()
+        for pos, raw in enumerate(raws):
+            item = self._decode_one(raw)
+            if isinstance(item, Prepared):
+                builder.add(item, pos)
+            else:
+                rid, code, message = item
+                builder.reject(pos, rid, code.value, message)
+        batch = builder.build()
+        self._count_rejections(batch.rejected.codes, batch.rejected.ids)
+        self._stage_pre.observe(time.perf_counter() - t0)
+        return batch
+
+    def prepare(self, raw: RawRecord) -> Prepared | Result:
+        """Decode one record, or return its error Result."""
+        item = self._decode_one(raw)
+        if isinstance(item, Prepared):
+            return item
+        rid, code, message = item
+        return self.error_result(rid, code, message)
+
+    # -- infer ---------------------------------------------------------------------
+    def infer_batch(self, batch: ColumnarBatch) -> ResultBatch:
+        """Results of a decoded batch: the engine in chunks of
+        ``batch_size``, a record that breaks the engine isolated, vectorised
+        postprocessing; rejected records answered in place."""
         if self.engine is None:
             raise RuntimeError("this Predictor was built without an engine (decode only)")
-        results: list[Result] = []
-        for start in range(0, len(prepared), self.batch_size):
-            results.extend(self._infer_chunk(list(prepared[start : start + self.batch_size])))
-        return results
+        parts = [self._infer_chunk(chunk) for chunk in batch.chunks(self.batch_size)]
+        if not parts:
+            parts = [self._infer_chunk(batch.take(slice(0, 0)))]
+        return ResultBatch.concat(parts, size=batch.size, rejected=batch.rejected)
 
-    def _run_engine(self, chunk: list[Prepared]) -> dict[str, np.ndarray]:
-        assert self.engine is not None  # infer() refuses a decode-only Predictor
-        feeds = self.pre.collate(chunk)
-        return self.engine.run(feeds)
-
-    def _infer_chunk(self, chunk: list[Prepared]) -> list[Result]:
-        if not chunk:
-            return []
+    def _infer_chunk(self, chunk: ColumnarBatch) -> ResultBatch:
+        assert self.engine is not None
+        engine = self.engine
         t0 = time.perf_counter()
-        try:
-            outputs: dict[str, np.ndarray] | None = self._run_engine(chunk)
-        except EngineUnavailable as exc:
-            log_event(logger, logging.ERROR, "engine_unavailable", exc_type=type(exc).__name__, batch=len(chunk))
-            return [self.error_result(p.id, Reason.INFERENCE_FAILED, "the engine is unavailable") for p in chunk]
-        except Exception as exc:
-            log_event(logger, logging.ERROR, "engine_failed", exc_type=type(exc).__name__, batch=len(chunk))
-            outputs = None
-        if outputs is None:
-            # Isolate the record that breaks the engine; the others still answer.
-            if len(chunk) == 1:
-                return [self.error_result(chunk[0].id, Reason.INFERENCE_FAILED, "the engine failed on this record")]
-            return [r for p in chunk for r in self._infer_chunk([p])]
+
+        def run(rows: list[int]) -> dict[str, np.ndarray]:
+            part = chunk if len(rows) == len(chunk) else chunk.take(rows)
+            return engine.run(self.pre.feeds(part))
+
+        def failed(exc: BaseException, rows: int) -> None:
+            event = "engine_unavailable" if isinstance(exc, EngineUnavailable) else "engine_failed"
+            log_event(logger, logging.ERROR, event, exc_type=type(exc).__name__, batch=rows)
+
+        groups = run_isolated(run, len(chunk), failed) if len(chunk) else []
         t1 = time.perf_counter()
-        results = []
-        for i, p in enumerate(chunk):
-            heads = {
-                h.name: head_result(h, outputs[self._outputs.get(h.name, h.name)][i],
-                                    p.offsets if h.type == "token" else None)
-                for h in self.spec.heads
-            }
-            results.append(
-                Result(
-                    id=p.id, workload=p.workload, model=self.package.name, model_version=self.package.version,
-                    engine=self.engine.name, provider=self.engine.provider, heads=heads,
-                    timings_ms={"preprocess": round(p.preprocess_ms, 3), "infer": round((t1 - t0) * 1e3, 3)},
-                )
-            )
+        ok_rows: list[int] = []
+        outs: list[dict[str, np.ndarray]] = []
+        rejected = Rejected()
+        for rows, got in groups:
+            if isinstance(got, str):
+                message = ("the engine is unavailable" if got == Isolated.UNAVAILABLE
+                           else "the engine failed on this record")
+                for r in rows:
+                    rejected.add(int(chunk.positions[r]), chunk.ids[r], Reason.INFERENCE_FAILED.value, message)
+            else:
+                ok_rows += rows
+                outs.append(got)
+        self._count_rejections(rejected.codes, rejected.ids)
+        good = chunk if len(ok_rows) == len(chunk) else chunk.take(ok_rows)
+        if len(outs) > 1:  # rows answered one by one after a failure: stack their outputs
+            merged = {k: pad_concat([o[k] for o in outs], tuple(range(1, outs[0][k].ndim))) for k in outs[0]}
+        else:
+            merged = outs[0] if outs else {}
+        heads = [
+            head_columns(h, merged[self._outputs.get(h.name, h.name)] if merged else _no_rows(h),
+                         good.offsets if h.type == "token" else None, good.lengths)
+            for h in self.spec.heads
+        ]
         t2 = time.perf_counter()
-        for r in results:
-            r.timings_ms["postprocess"] = round((t2 - t1) * 1e3, 3)
-        m, lab = self.metrics, self._labels
-        m.batch_size.labels(**lab).observe(len(chunk))
-        m.stage_seconds.labels(**lab, stage="infer").observe(t1 - t0)
-        m.stage_seconds.labels(**lab, stage="postprocess").observe(t2 - t1)
-        m.records.labels(**lab, outcome="ok").inc(len(chunk))
-        return results
+        n = len(good)
+        result = ResultBatch(
+            self.spec.name, self.package.name, self.package.version, engine.name, engine.provider,
+            good.ids, good.positions, heads,
+            {"preprocess": good.preprocess_ms, "infer": np.full(n, (t1 - t0) * 1e3, dtype=np.float64),
+             "postprocess": np.full(n, (t2 - t1) * 1e3, dtype=np.float64)},
+            rejected, size=chunk.size,
+        )
+        if n:
+            self._batch_size.observe(n)
+            self._stage_infer.observe(t1 - t0)
+            self._stage_post.observe(t2 - t1)
+            self._records_ok.inc(n)
+        return result
+
+    def infer(self, prepared: Sequence[Prepared]) -> list[Result]:
+        """Results of already decoded records, in order (the typed API)."""
+        return self.infer_batch(self.pre.columns(prepared)).to_results()
 
     # -- the whole thing -------------------------------------------------------
+    def predict_batch(self, raws: Iterable[RawRecord]) -> ResultBatch:
+        """Raw records in, a :class:`ResultBatch` out (input order, errors in place)."""
+        t0 = time.perf_counter()
+        out = self.infer_batch(self.decode(raws))
+        self._request.observe(time.perf_counter() - t0)
+        return out
+
     def predict(self, raws: Iterable[RawRecord]) -> list[Result]:
         """Results in input order; errors in place of records that failed."""
-        t0 = time.perf_counter()
-        slots: list[Result | None] = []
-        ok: list[tuple[int, Prepared]] = []
-        for raw in raws:
-            item = self.prepare(raw)
-            if isinstance(item, Result):
-                slots.append(item)
-            else:
-                ok.append((len(slots), item))
-                slots.append(None)
-        t1 = time.perf_counter()
-        self.metrics.stage_seconds.labels(**self._labels, stage="preprocess").observe(t1 - t0)
-        for (idx, _), res in zip(ok, self.infer([p for _, p in ok]), strict=True):
-            slots[idx] = res
-        self.metrics.request_seconds.labels(**self._labels).observe(time.perf_counter() - t0)
-        return [s for s in slots if s is not None]
+        return self.predict_batch(raws).to_results()
 
     def close(self) -> None:
         if self.engine is not None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.columnar import BatchBuilder, ColumnarBatch
 from pipeline.config import Limits, MediaConfig
 from pipeline.decode import decode_audio, decode_image, decode_video
 from pipeline.errors import Reason, RecordError
@@ -166,35 +167,57 @@ class Preprocessor:
         if rec.image not in (None, "", b"") and rec.video not in (None, "", b""):
             raise RecordError(Reason.BAD_RECORD, "give either image or video, not both")
 
-    def collate(self, batch: list[Prepared]) -> dict[str, np.ndarray]:
-        """Stack features into model inputs, zero-filling missing modalities
-        and padding text to the longest sequence in the batch."""
-        n = len(batch)
-        out: dict[str, np.ndarray] = {}
-        prep = self.prep
-        if prep.text is not None:
-            assert self.text is not None
-            seq = max(len(p.features["input_ids"]) for p in batch)
-            ids = np.full((n, seq), self.text.pad_id, dtype=np.int64)
-            mask = np.zeros((n, seq), dtype=np.int64)
-            for i, p in enumerate(batch):
-                t = p.features["input_ids"]
-                ids[i, : len(t)] = t
-                mask[i, : len(t)] = 1
-            out["input_ids"], out["attention_mask"] = ids, mask
+    # -- columns ---------------------------------------------------------------------
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        prep, shapes = self.prep, {}
         if prep.image is not None:
-            shape = (prep.image.channels, prep.image.size, prep.image.size)
-            out["pixel_values"] = _stack(batch, "pixel_values", shape)
+            shapes["pixel_values"] = (prep.image.channels, prep.image.size, prep.image.size)
         if prep.audio is not None:
-            out["audio_features"] = _stack(batch, "audio_features", (prep.audio.n_mels, prep.audio.frames))
+            shapes["audio_features"] = (prep.audio.n_mels, prep.audio.frames)
         if prep.tabular is not None:
-            out["tabular"] = _stack(batch, "tabular", (len(prep.tabular.fields),))
-        out["presence"] = np.array(
-            [[1.0 if p.present.get(m) else 0.0 for m in self.modalities] for p in batch], dtype=np.float32
+            shapes["tabular"] = (len(prep.tabular.fields),)
+        return shapes
+
+    @property
+    def fixed_length(self) -> int | None:
+        """Text length every batch is padded to, for a graph that reads
+        token ids but has no attention-mask input: padding it cannot hide
+        would otherwise make a record's answer depend on its neighbours."""
+        if self.prep.text is None or self.inputs is None:
+            return None
+        feats = {t.feature_name() for t in self.inputs}
+        if "text.input_ids" in feats and "text.attention_mask" not in feats:
+            return self.prep.text.max_length
+        return None
+
+    def builder(self, capacity: int = 64) -> BatchBuilder:
+        """An empty :class:`BatchBuilder` for this model's columns."""
+        return BatchBuilder(
+            self.spec.name, self.modalities, self._shapes(), text=self.prep.text is not None,
+            pad_id=self.text.pad_id if self.text is not None else 0, fixed_length=self.fixed_length,
+            capacity=capacity, max_length=self.prep.text.max_length if self.prep.text is not None else None,
         )
+
+    def columns(self, prepared: Sequence[Prepared]) -> ColumnarBatch:
+        """Decoded records as one columnar batch (positions 0..n-1)."""
+        b = self.builder(len(prepared))
+        for i, p in enumerate(prepared):
+            b.add(p, i)
+        return b.build()
+
+    def feeds(self, batch: ColumnarBatch) -> dict[str, np.ndarray]:
+        """The graph's input tensors for a batch (names and dtypes of the
+        package signature)."""
+        out = batch.canonical()
         if self.inputs is None:
             return out
         return self._to_graph(out)
+
+    def collate(self, batch: Sequence[Prepared]) -> dict[str, np.ndarray]:
+        """Stack features into model inputs, zero-filling missing modalities
+        and padding text to the longest sequence in the batch (the one rule
+        of :mod:`pipeline.columnar`)."""
+        return self.feeds(self.columns(batch))
 
     def _to_graph(self, canonical: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Rename, cast and select the features for the graph's inputs."""
@@ -210,11 +233,3 @@ class Preprocessor:
                 arr = canonical[FEATURES[str(feat)]]
             feeds[t.name] = arr if arr.dtype == np.dtype(t.dtype) else arr.astype(t.dtype)
         return feeds
-
-
-def _stack(batch: list[Prepared], key: str, shape: tuple[int, ...]) -> np.ndarray:
-    arr = np.zeros((len(batch), *shape), dtype=np.float32)
-    for i, p in enumerate(batch):
-        if key in p.features:
-            arr[i] = p.features[key]
-    return arr

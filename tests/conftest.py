@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The medical workload pseudonymises record ids with a keyed hash and refuses
+# to start without its key; every process the tests start inherits this one.
+os.environ.setdefault("MMPIPE_ID_HASH_KEY", "mmpipe-test-suite-id-hash-key-0123456789")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
