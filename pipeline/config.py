@@ -172,6 +172,10 @@ class StreamConfig(_Strict):
         120_000, gt=0, description="a result not acknowledged within this is resent (never dropped)"
     )
     commit_retry_backoff_ms: int = Field(500, ge=0, description="pause before retrying a failed commit")
+    commit_interval_ms: int = Field(
+        200, ge=0, description="at-least-once: commit acknowledged offsets at most this often (each commit is a "
+        "round trip the consumer waits for; a crash re-delivers at most this much more)",
+    )
     connect_timeout_ms: int = Field(
         30_000, gt=0, description="give up at start when no broker answers (wrong address, TLS or credentials)"
     )

@@ -480,6 +480,7 @@ class StreamConsumer:
             self._next_commit = time.monotonic() + self.cfg.commit_retry_backoff_ms / 1000
             return
         self.tracker.mark_committed(pending)
+        self._next_commit = time.monotonic() + self.cfg.commit_interval_ms / 1000
 
     # -- rebalances --------------------------------------------------------------------------------
     def revoke_prepare(self, tps: set[TopicPartition]) -> dict[Any, Any]:
