@@ -139,7 +139,8 @@ class KafkaBroker:
 
     def __init__(self, root: Path | None = None, *, log_level: str = "WARN", node_id: int = 1,
                  controller_port: int | None = None, voters: str | None = None, cluster_id: str | None = None,
-                 replication: int = 1, heap_mb: int = 768, format_now: bool = True) -> None:
+                 replication: int = 1, heap_mb: int = 768, format_now: bool = True,
+                 flush_each_message: bool = True) -> None:
         self.libs = kafka_libs()
         self.root = Path(root or tempfile.mkdtemp(prefix="mmpipe-kafka-"))
         self.root.mkdir(parents=True, exist_ok=True)
@@ -185,8 +186,10 @@ class KafkaBroker:
             "default.replication.factor": str(replication),
             "min.insync.replicas": str(min(2, replication)),
         }
-        if replication == 1:
-            props["log.flush.interval.messages"] = "1"  # survive the broker's own kill in the restart test
+        if replication == 1 and flush_each_message:
+            # Survive the broker's own kill in the restart test (an fsync per
+            # append: benchmarks turn it off, production brokers replicate).
+            props["log.flush.interval.messages"] = "1"
         else:
             # A killed node is fenced (and its partitions get new leaders)
             # after 3 s without a heartbeat instead of the default 9 s.
@@ -286,13 +289,13 @@ class KafkaBroker:
             self._console.close()
             self._console = None
 
-    def create_topics(self, names: list[str], partitions: int = 1) -> None:
+    def create_topics(self, names: list[str], partitions: int = 1, configs: dict[str, str] | None = None) -> None:
         from kafka import KafkaAdminClient
         from kafka.admin import NewTopic
 
         admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=30000)
         try:
-            admin.create_topics([NewTopic(n, partitions, 1) for n in names], timeout_ms=30000)
+            admin.create_topics([NewTopic(n, partitions, 1, topic_configs=configs) for n in names], timeout_ms=30000)
         finally:
             admin.close()
 
