@@ -185,15 +185,15 @@ class StreamConfig(_Strict):
         "requests; the model does not wait for them)",
     )
     producer_batch_bytes: int = Field(
-        1 << 20, gt=0, description="producer: bytes of results per partition in one request",
+        256 << 10, gt=0, description="producer: bytes of results per partition in one request",
     )
     fetch_max_wait_ms: int = Field(
         100, ge=0, description="consumer: longest a fetch waits at the broker for fetch_min_bytes",
     )
     fetch_min_bytes: int = Field(1, gt=0, description="consumer: a fetch returns once this much is there")
     max_partition_fetch_bytes: int = Field(
-        4 << 20, gt=0, description="consumer: bytes fetched per partition per request (a backlog drains in "
-        "fewer round trips)",
+        1 << 20, gt=0, description="consumer: bytes fetched per partition per request (larger: a backlog drains "
+        "in fewer round trips; every assigned partition may hold this much fetched in memory)",
     )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
