@@ -107,13 +107,14 @@ def predictor(package: Path, batch: int) -> Predictor:
     return Predictor(pkg, eng, batch_size=batch, path="stream", metrics=get_metrics(CollectorRegistry()))
 
 
-def bare(pred: Predictor, values: list[bytes], batch: int) -> float:
-    """Records/s of the bare Predictor: decode, infer, the results' wire form."""
+def bare(pred: Predictor, values: list[bytes], batch: int) -> tuple[float, float]:
+    """Records/s of the bare Predictor (decode, infer, the results' wire
+    form), and this process's CPU milliseconds per record."""
     pred.predict_batch(values[:batch]).json_lines()  # warm-up
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(values), batch):
         pred.predict_batch(values[i : i + batch]).json_lines()
-    return len(values) / (time.perf_counter() - t)
+    return len(values) / (time.perf_counter() - t), (time.process_time() - cpu) * 1e3 / len(values)
 
 
 def new_topics(broker: KafkaBroker, *, append_time: bool = False) -> tuple[str, str, str]:
@@ -150,8 +151,10 @@ def stop(consumer: StreamConsumer, th: threading.Thread) -> None:
     consumer.predictor.close()
 
 
-def drain(broker: KafkaBroker, package: Path, values: list[bytes], batch: int, exactly_once: bool) -> float:
-    """Records/s draining a backlog of ``values``."""
+def drain(broker: KafkaBroker, package: Path, values: list[bytes], batch: int, exactly_once: bool,
+          ) -> tuple[float, float]:
+    """Records/s draining a backlog of ``values``, and the consumer process's
+    CPU milliseconds per record (every thread; the broker's JVM not counted)."""
     names = new_topics(broker)
     p = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5, batch_size=1 << 20)
     for v in values:
@@ -159,14 +162,14 @@ def drain(broker: KafkaBroker, package: Path, values: list[bytes], batch: int, e
     p.flush()
     p.close()
     consumer, th = start_stream(broker, package, names, batch, exactly_once, values)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     while consumer.counts["results"] + consumer.counts["dlq"] < len(values):
         if not th.is_alive():
             raise SystemExit(f"the stream consumer stopped early: {dict(consumer.counts)}")
         time.sleep(0.005)
-    rate = len(values) / (time.perf_counter() - t)
+    rate, cpu_ms = len(values) / (time.perf_counter() - t), (time.process_time() - cpu) * 1e3 / len(values)
     stop(consumer, th)
-    return rate
+    return rate, cpu_ms
 
 
 def latency(broker: KafkaBroker, package: Path, values: list[bytes], batch: int, exactly_once: bool,
@@ -235,17 +238,27 @@ def measure(broker: KafkaBroker, name: str, package: Path, n: int, args: argpars
     values = records(workload, n)
     pred = predictor(package, args.batch)
     rates: dict[str, list[float]] = {"bare": [], **{m: [] for m in MODES}}
+    cpu: dict[str, list[float]] = {k: [] for k in rates}
     for _ in range(args.rounds):
-        rates["bare"].append(bare(pred, values, args.batch))
-        for mode, eos in MODES.items():
-            rates[mode].append(drain(broker, package, values, args.batch, eos))
-        print(f"{name}: " + "  ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items()), flush=True)
+        runs = [("bare", bare(pred, values, args.batch)),
+                *((m, drain(broker, package, values, args.batch, eos)) for m, eos in MODES.items())]
+        for key, (rate, cpu_ms) in runs:
+            rates[key].append(rate)
+            cpu[key].append(cpu_ms)
+        print(f"{name}: " + "  ".join(f"{k} {v[-1]:.0f}/s ({cpu[k][-1]:.2f} CPU ms)" for k, v in rates.items()),
+              flush=True)
     pred.close()
     med = {k: statistics.median(v) for k, v in rates.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
     out: dict[str, Any] = {"package": load_package(package).name, "workload": workload, "records": n,
-                           "bare_records_per_s": med["bare"], "rounds": rates, "modes": {}}
+                           "bare_records_per_s": med["bare"], "bare_cpu_ms_per_record": cpu_med["bare"],
+                           "rounds": rates, "cpu_ms_per_record_rounds": cpu, "modes": {}}
     for mode, eos in MODES.items():
-        out["modes"][mode] = {"records_per_s": med[mode], "ratio": med[mode] / med["bare"]}
+        # cpu_ratio: bare CPU per record / stream CPU per record.  On a machine
+        # shared with other work, wall-clock ratios also measure how much CPU
+        # each got (a process with more busy threads gets a bigger share).
+        out["modes"][mode] = {"records_per_s": med[mode], "ratio": med[mode] / med["bare"],
+                              "cpu_ms_per_record": cpu_med[mode], "cpu_ratio": cpu_med["bare"] / cpu_med[mode]}
         if args.no_latency:
             continue
         lat = latency(broker, package, values, args.batch, eos, med[mode] / 2, args.seconds)
@@ -316,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crc32c", choices=["auto", "python"], default="auto",
                     help="python: measure as without the C CRC32C (kafka-python's pure-Python one)")
     ap.add_argument("--no-latency", action="store_true", help="throughput only")
+    ap.add_argument("--add", action="store_true",
+                    help="keep the other models already in --out (one model per run on a busy machine)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     if args.crc32c == "python":
@@ -332,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
                              args) for m in names}
     finally:
         broker.close()
-    first = next(iter(models.values()))
+    if args.add and args.out.is_file():
+        models = {**json.loads(args.out.read_text()).get("models", {}), **models}
+    first = models.get("small") or next(iter(models.values()))
     alo = first["modes"]["at-least-once"]
     data: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "cpu_flags": cpu_flags(), "platform": platform.platform(),
