@@ -274,6 +274,10 @@ def aims(models: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         for mode, m in r["modes"].items():
             out.append({"name": f"{name} model, {mode}: stream / bare Predictor", "value": round(m["ratio"], 3),
                         "target": f">= {RATIO_AIM}", "met": m["ratio"] >= RATIO_AIM})
+            if "cpu_ratio" in m:  # the same aim in CPU per record: what holds on a machine shared with other work
+                out.append({"name": f"{name} model, {mode}: stream / bare Predictor, by CPU per record",
+                            "value": round(m["cpu_ratio"], 3), "target": f">= {RATIO_AIM}",
+                            "met": m["cpu_ratio"] >= RATIO_AIM})
             if "latency" not in m:
                 continue
             p99 = m["latency"]["p99_ms"]
