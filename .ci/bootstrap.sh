@@ -80,3 +80,15 @@ if [ "$target" = test ] && ! command -v kcat >/dev/null 2>&1 \
     || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kcat; }; } \
     >/dev/null 2>&1 || echo "bootstrap: could not install kcat; the kcat cross-check will report it" >&2
 fi
+
+# The real-file decoder corpus (tests/unit/test_real_files.py) converts
+# photos and speech with ImageMagick, ffmpeg and espeak-ng (Debian).  Best
+# effort: without them those tests skip locally and fail under CI=true.
+if [ "$target" = test ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+    && { [ ! -x /usr/bin/convert ] || ! command -v ffmpeg >/dev/null 2>&1 || ! command -v espeak-ng >/dev/null 2>&1; }; then
+  echo "bootstrap: installing imagemagick, ffmpeg, espeak-ng (apt-get)"
+  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends imagemagick ffmpeg espeak-ng \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+         imagemagick ffmpeg espeak-ng; }; } >/dev/null 2>&1 \
+    || echo "bootstrap: could not install imagemagick/ffmpeg/espeak-ng; the real-file decoder tests will report it" >&2
+fi

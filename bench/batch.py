@@ -29,14 +29,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import sample_data  # noqa: E402
 from pipeline.config import EngineConfig  # noqa: E402
-from pipeline.demo import cached_package  # noqa: E402
 from pipeline.engines import create_engine  # noqa: E402
 from pipeline.package import load_package  # noqa: E402
 from pipeline.predictor import Predictor  # noqa: E402
 from pipeline.records import json_safe  # noqa: E402
 from pipeline.spec import load_workload  # noqa: E402
+from pipeline.tooling import sample_data  # noqa: E402
+from pipeline.tooling.demo import cached_package  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 
@@ -99,7 +99,7 @@ def run_job(package: Path, path: Path, out: Path, batch: int, concurrency: int) 
                    f"shard_bytes: 262144}}\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--log-level", "WARNING", "batch", "-c", str(cfg),
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--log-level", "WARNING", "batch", "-c", str(cfg),
                              "--package", str(package), "--input", str(path), "--output", str(out), "--json",
                              "--run-date", "2026-05-01"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     peak = [0]

@@ -27,11 +27,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 from engines import OUT, build, chart  # noqa: E402
 
 from exporters import parity  # noqa: E402
-from pipeline import sample_data  # noqa: E402
 from pipeline.config import EngineConfig  # noqa: E402
 from pipeline.engines import create_engine  # noqa: E402
 from pipeline.package import load_package  # noqa: E402
 from pipeline.preprocess import Preprocessor  # noqa: E402
+from pipeline.tooling import sample_data  # noqa: E402
 
 
 def gpu_status() -> tuple[bool, str]:

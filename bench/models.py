@@ -28,8 +28,8 @@ PRODUCTION_TEXT_LENGTH = 64
 
 def small_package() -> Path:
     """The demo's trained retail package (built and cached like ``make demo``)."""
-    from pipeline.demo import cached_package
     from pipeline.spec import load_workload
+    from pipeline.tooling.demo import cached_package
 
     return cached_package(load_workload("retail"))[0]
 
@@ -51,9 +51,9 @@ def production_package(steps: int = 8) -> Path:
     is still checked by the export), exported to ONNX fp32."""
     from exporters.onnx_export import export_package
     from exporters.package import build_package
-    from pipeline import sample_data
-    from pipeline.demo import _code_digest, cache_root
-    from pipeline.train import train
+    from pipeline.tooling import sample_data
+    from pipeline.tooling.demo import _code_digest, cache_root
+    from pipeline.tooling.train import train
 
     target = cache_root() / "models" / f"retail-production-{_code_digest()}"
     if (target / "package" / "manifest.json").is_file():

@@ -11,7 +11,7 @@ Triton gRPC, the Ray Data batch job, the Kafka stream): this runs that
 module with pytest, which writes its report (``MMPIPE_PARITY_JSON``), adds
 the pytest exit code and the run time, prints the matrix and writes the JSON
 that ``bench/report.py`` renders into RESULTS.md.  With ``--models demo``
-the trained models come from ``pipeline.demo.cached_package`` (the cache
+the trained models come from ``pipeline.tooling.demo.cached_package`` (the cache
 ``make demo`` fills), so int8 is judged on models that were trained, not on
 near-tied scores.  Exit code 0 when every pair agreed.
 """

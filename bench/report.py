@@ -227,14 +227,56 @@ def faults_section(data: dict) -> str:
     return "\n".join([*lines, ""])
 
 
+def aims_section() -> str:
+    """Every benchmark's aims, from each JSON's ``"aims"`` list, in one table."""
+    lines = ["## Aims at a glance", "",
+             "Each row is an aim a benchmark states in its JSON (`\"aims\"`), measured in that benchmark's "
+             "last run; the sections below give the details.", "",
+             "| benchmark | aim | value | target | met |", "|---|---|---:|---:|:---:|"]
+    for path in sorted(RESULTS.glob("*.json")):
+        data = json.loads(path.read_text())
+        aims = data.get("aims") if isinstance(data, dict) else None
+        if not isinstance(aims, list):
+            continue
+        for a in aims:
+            lines.append(f"| {path.stem} | {a['name']} | {_num(a['value'])} | {_num(a['target'])} | "
+                         f"{'yes' if a['met'] else '**no**'} |")
+    return "\n".join([*lines, ""])
+
+
+def _num(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def predictor_section(data: dict) -> str:
+    lines = ["## The Predictor vs the engine it wraps", "",
+             f"`python bench/predictor.py` on {data['cores']} CPU cores ({data['cpu']}, flags: "
+             f"{' '.join(data.get('cpu_flags', [])) or 'unknown'}): `Predictor.predict_batch` on raw JSON records "
+             "plus the results' wire form, against `engine.run` on the same records' ready tensors, rounds "
+             "interleaved.  Stage columns: milliseconds per record, measured on one thread.", "",
+             "| model | batch | engine rec/s | Predictor rec/s | ratio | parse | tokenize | decode image | collate | "
+             "engine | postprocess | serialise |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        st = r["stages_ms_per_record"]
+        cols = " | ".join(f"{st[k]:.3f}" if k in st else "-" for k in
+                          ("parse", "tokenize", "decode_image", "collate", "engine", "postprocess", "serialise"))
+        lines.append(f"| {r['model']} | {r['batch']} | {r['engine_rps']:.0f} | {r['predictor_rps']:.0f} | "
+                     f"{r['ratio']:.2f} | {cols} |")
+    return "\n".join([*lines, "", "![predictor](results/predictor.png)", ""])
+
+
 def load(name: str) -> dict | None:
     p = RESULTS / name
     return json.loads(p.read_text()) if p.is_file() else None
 
 
 def main() -> int:
-    parts = [HEADER]
-    sections = [("engines.json", engines_section), ("gpu.json", gpu_section), ("serving.json", serving_section),
+    parts = [HEADER, aims_section()]
+    sections = [("predictor.json", predictor_section),
+                ("engines.json", engines_section), ("gpu.json", gpu_section), ("serving.json", serving_section),
                 ("batch.json", batch_section), ("stream.json", stream_section), ("parity.json", parity_section),
                 ("faults.json", faults_section)]
     for name, section in sections:

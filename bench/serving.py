@@ -729,13 +729,13 @@ def prepare_data(pkg_dir: Path, records: int, threads: int, data_dir: Path, work
                  ) -> tuple[Any, list[dict], list[Any]]:
     """Sample records, their per-record tensors and the in-process session's
     logits for them, written for the load generator."""
-    from pipeline import sample_data
     from pipeline.config import EngineConfig
     from pipeline.engines import create_engine
     from pipeline.package import load_package
     from pipeline.predictor import Predictor
     from pipeline.preprocess import Prepared
     from pipeline.records import json_safe
+    from pipeline.tooling import sample_data
 
     pkg = load_package(pkg_dir)
     engine = create_engine(pkg, EngineConfig(kind="onnxruntime", device="cpu", variant="fp32", threads=threads))
@@ -783,8 +783,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.package:
             src = Path(args.package)
         else:
-            from pipeline import demo
             from pipeline.spec import load_workload
+            from pipeline.tooling import demo
 
             print(f"model: the demo's {args.workload} package (trained and exported once, then cached)", flush=True)
             src, _ = demo.cached_package(load_workload(args.workload))

@@ -48,7 +48,6 @@ sys.path.insert(0, str(ROOT))
 from kafka import KafkaProducer  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
-from pipeline import sample_data  # noqa: E402
 from pipeline.config import EngineConfig, Settings  # noqa: E402
 from pipeline.engines import create_engine  # noqa: E402
 from pipeline.metrics import get_metrics  # noqa: E402
@@ -58,6 +57,7 @@ from pipeline.records import json_safe  # noqa: E402
 from pipeline.stream import client  # noqa: E402
 from pipeline.stream.consumer import StreamConsumer  # noqa: E402
 from pipeline.stream.stages import OutMessage  # noqa: E402
+from pipeline.tooling import sample_data  # noqa: E402
 from tests.integration.kafka_broker import KafkaBroker  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "stream.json"

@@ -9,7 +9,9 @@
    only, and a signature file: exported like a module.  Classification
    classes give their ``logits`` (or the field an output names with
    ``from``); dual encoders (CLIP, VisionTextDualEncoder...) score each
-   record against one text prompt per label (``prompts``).
+   record against one text prompt per label (``prompts``), on the
+   modalities it has (a presence input is added when the signature has
+   none).
 3. **An ONNX file** exported elsewhere and a signature file: the graph must
    match the signature (names, dtypes, ranks, static dims), its outputs must
    have the signature's shapes on real inputs; it is packaged as is.
@@ -24,7 +26,8 @@ Errors a user will hit say what is wrong in their terms: a module that
 cannot be imported, weights that do not fit the module (missing, unexpected
 and mis-shaped keys listed), an operator the exporter cannot handle (which,
 at which opset), outputs whose shapes disagree with the signature, a graph
-whose inputs differ from the signature (which input, how).
+whose inputs differ from the signature (which input, how), a tokenizer that
+would give a record without text no tokens at all.
 """
 
 from __future__ import annotations
@@ -44,11 +47,11 @@ from typing import Any
 import numpy as np
 
 from exporters import parity
-from exporters.onnx_export import OPSET, ExportError, export_package
+from exporters.onnx_export import OPSET, ExportError, export_package, fixed_length_warning
 from pipeline.errors import PackageError
 from pipeline.log import log_event
 from pipeline.package import Manifest, ModelPackage, Variant, load_package, publish, write_manifest
-from pipeline.signature import SignatureFile, load_signature
+from pipeline.signature import InputDecl, SignatureFile, load_signature
 from pipeline.tokenizer import TOKENIZER_FILE
 
 logger = logging.getLogger(__name__)
@@ -364,6 +367,27 @@ def graph_mismatches(session: Any, sig: SignatureFile) -> list[str]:
     return problems
 
 
+def check_empty_text(sig: SignatureFile, tokenizer_file: Path) -> None:
+    """A record without text is valid for a model that also takes another
+    modality; it reaches the model as the tokenizer's encoding of "".  A
+    tokenizer that adds no special tokens gives none at all, and a batch of
+    such records would be a sequence of length 0, which no model can run
+    (unless every batch is padded to max_length anyway)."""
+    from tokenizers import Tokenizer
+
+    others = [m for m in sig.modalities() if m != "text"]
+    if "text" not in sig.modalities() or not others or sig.signature().needs_fixed_length:
+        return
+    if Tokenizer.from_file(str(tokenizer_file)).encode("").ids:
+        return
+    raise ByoError(
+        f"the tokenizer {tokenizer_file} turns an empty text into no tokens at all (it adds no [CLS]/[SEP] or "
+        f"other special tokens), so a record without text, which this model takes (it also takes "
+        f"{', '.join(others)}), would reach it as a sequence of length 0. Give the tokenizer a post-processor "
+        "that adds them (e.g. tokenizers.processors.TemplateProcessing(single='[CLS] $A [SEP]', "
+        "special_tokens=[('[CLS]', cls_id), ('[SEP]', sep_id)])), save it again and train with it")
+
+
 # -- the package ---------------------------------------------------------------------------------------------
 def _read_samples(samples: str | Path | None) -> list[bytes] | None:
     if samples is None:
@@ -392,6 +416,11 @@ def _staging(sig: SignatureFile, out: Path, *, name: str | None, version: str, s
                 f"the text input needs a tokenizer: {src or 'no directory given'} has no {TOKENIZER_FILE} (set "
                 "preprocessing.tokenizer on the text input to a directory with a fast tokenizer's tokenizer.json, "
                 "e.g. from tokenizer.save_pretrained(DIR))")
+        try:
+            check_empty_text(sig, src / TOKENIZER_FILE)
+        except ByoError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         (tmp / "tokenizer").mkdir()
         shutil.copyfile(src / TOKENIZER_FILE, tmp / "tokenizer" / TOKENIZER_FILE)
         files.append(f"tokenizer/{TOKENIZER_FILE}")
@@ -506,6 +535,26 @@ def _prompt_ids(sig: SignatureFile, tokenizer_dir: Path) -> dict[str, tuple[np.n
     return out
 
 
+PRESENCE_INPUT = "presence"
+
+
+def with_zero_shot_presence(sig: SignatureFile) -> SignatureFile:
+    """A zero-shot dual encoder (outputs with ``prompts``) over text and
+    image needs to know which of them a record has: without it, an
+    image-only record's embedding would be averaged with the empty text's.
+    When the signature declares no presence input, one is added (it is what
+    every path's Preprocessor computes anyway) and the manifest lists it."""
+    if not any(o.prompts for o in sig.outputs) or len(sig.modalities()) < 2:
+        return sig
+    if any(i.modality == "presence" for i in sig.inputs):
+        return sig
+    taken = {i.name for i in sig.inputs}
+    name = next(n for n in (PRESENCE_INPUT, *(f"{PRESENCE_INPUT}_{k}" for k in range(1, 100))) if n not in taken)
+    presence = InputDecl(name=name, modality="presence", dtype="float32", shape=["batch", len(sig.modalities())])
+    log_event(logger, logging.INFO, "zero_shot_presence_added", input=name, modalities=",".join(sig.modalities()))
+    return sig.model_copy(update={"inputs": [*sig.inputs, presence]})
+
+
 def package_hf(hf_dir: str | Path, signature: str | Path, out: str | Path, *, name: str | None = None,
                version: str = "1", samples: str | Path | None = None, variants: tuple[str, ...] = ("fp32",),
                overwrite: bool = False) -> ModelPackage:
@@ -519,6 +568,7 @@ def package_hf(hf_dir: str | Path, signature: str | Path, out: str | Path, *, na
                            f"{type(model).__name__} has neither")
         if not (tok_dir / TOKENIZER_FILE).is_file():
             raise ByoError(f"prompts need the checkpoint's tokenizer: {tok_dir} has no {TOKENIZER_FILE}")
+    sig = with_zero_shot_presence(sig)
     adapter = hf_adapter(model, sig, _prompt_ids(sig, tok_dir) if any(o.prompts for o in sig.outputs) else {})
     out = Path(out)
     source = {"kind": "hf", "class": type(model).__name__, "dir": Path(hf_dir).name}
@@ -570,6 +620,10 @@ def package_onnx(onnx_file: str | Path, signature: str | Path, out: str | Path, 
             raise ByoError(f"ONNX model {src.name} failed on inputs shaped as the signature says: "
                            f"{type(exc).__name__}: {str(exc)[:400]}") from None
         check_output_shapes(sig, got, 3, seq, f"ONNX model {src.name}")
+        warning = fixed_length_warning(load_package(tmp))
+        if warning:
+            print(f"warning: {warning}")
+            log_event(logger, logging.WARNING, "model_without_attention_mask", model=sig.name or sig.workload)
         (tmp / "onnx").mkdir()
         shutil.copyfile(src, tmp / ONNX_REL)
         pkg = load_package(tmp)
@@ -579,7 +633,7 @@ def package_onnx(onnx_file: str | Path, signature: str | Path, out: str | Path, 
                                                  opset=opset, quantization=None)
         manifest.parity = {"reference": None, "checked": ["graph matches the signature (names, dtypes, ranks, "
                                                           "static dims)", "output shapes on a probe batch"],
-                           "opset": opset}
+                           "opset": opset, "warnings": [warning] if warning else []}
         write_manifest(tmp, manifest)
         result = _publish(tmp, out)
     except BaseException:

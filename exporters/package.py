@@ -12,9 +12,9 @@ import tempfile
 from pathlib import Path
 
 from pipeline.errors import PackageError
-from pipeline.model.config import FusionConfig, signature
 from pipeline.package import Manifest, ModelPackage, Signature, Variant, load_package, publish, write_manifest
 from pipeline.spec import WorkloadSpec
+from pipeline.tooling.model.config import FusionConfig, signature
 
 TORCH_FILES = ("model/config.json", "model/model.safetensors")
 

@@ -60,7 +60,7 @@ def build_tensorrt(package_dir: str | Path, *, fp16: bool = True, base: str = "o
     if not ok:
         raise TensorRTUnavailable(why)
     from pipeline.engines.onnx_engine import TRT, OnnxRuntimeEngine
-    from pipeline.engines.torch_engine import load_model
+    from pipeline.tooling.torch_engine import load_model
 
     pkg = load_package(package_dir)
     var = pkg.variant(base)

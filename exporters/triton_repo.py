@@ -459,7 +459,7 @@ def repository_models(name: str, *, cpu_python_backend: bool = True) -> dict[str
 
 # -- CLI -----------------------------------------------------------------------------------------------
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """``mmpipe triton-repo``: wired into pipeline.cli with one line."""
+    """``mmpipe triton-repo``: wired into pipeline.tooling.cli with one line."""
     p = sub.add_parser(
         "triton-repo", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="write a Triton model repository (ONNX model, preprocess, ensemble) from a package",

@@ -39,6 +39,12 @@ class Limits(_Strict):
     max_record_bytes: int = Field(64 * 2**20, gt=0)
     max_batch_records: int = Field(512, gt=0)
     max_request_bytes: int = Field(100 * 2**20, gt=0)
+    # Not a size but what a record may carry: a field of a modality the model
+    # does not take (audio for a text + image model) rejects the record, or
+    # is dropped undecoded and counted (mmpipe_ignored_modalities_total).
+    extra_modalities: Literal["reject", "ignore"] = Field(
+        "reject", description="a record with a modality the model does not take: reject it "
+        "(modality_not_supported) or ignore that field")
 
     def merged(self, override: Limits | None) -> Limits:
         """Fields explicitly set in ``override`` win over this object's."""
@@ -268,3 +274,16 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration:\n{exc}") from exc
+
+
+def apply_overrides(settings: Settings, *, engine: str | None = None, batch_size: int | None = None,
+                    batch_section: str = "predict") -> Settings:
+    """The command-line overrides every CLI offers (``--engine``,
+    ``--batch-size``), applied in one place; ``batch_section`` names the
+    config section whose ``batch_size`` the flag sets (``predict`` or
+    ``batch``).  Changes ``settings`` in place and returns it."""
+    if engine:
+        settings.engine.kind = engine  # type: ignore[assignment]
+    if batch_size:
+        getattr(settings, batch_section).batch_size = batch_size
+    return settings

@@ -39,6 +39,8 @@ class Reason(StrEnum):
     IMAGE_CORRUPT = "image_corrupt"
     DICOM_CORRUPT = "dicom_corrupt"
     DICOM_NO_PIXELS = "dicom_no_pixels"
+    # a valid file whose pixel encoding no installed decoder reads
+    DICOM_UNSUPPORTED_TRANSFER_SYNTAX = "dicom_unsupported_transfer_syntax"
     # audio
     AUDIO_TOO_LARGE = "audio_too_large"
     AUDIO_TOO_LONG = "audio_too_long"

@@ -15,6 +15,8 @@ import logging
 import os
 import sys
 import time
+import warnings
+from pathlib import PurePath
 from typing import Any
 
 from pipeline.errors import ConfigError
@@ -29,7 +31,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "event": record.getMessage(),
+            "event": "decoder_log" if _is_decoder_logger(record.name) else record.getMessage(),
         }
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
@@ -54,10 +56,80 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     for noisy in ("urllib3", "filelock", "PIL", "matplotlib", "h5py", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    capture_decoder_output()
 
 
 def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
     logger.log(level, event, extra=fields)
+
+
+# Loggers of the libraries that parse record bytes.  Their messages quote
+# what they parsed (pydicom: element values, i.e. patient data), so only the
+# logger name and level of each record survive.
+DECODER_LOGGERS = ("pydicom", "PIL", "libav", "pillow_heif", "pylibjpeg", "openjpeg", "libjpeg", "gdcm")
+_log = logging.getLogger("mmpipe.warnings")
+
+
+class _RedactDecoderLog(logging.Filter):
+    """Replaces a third-party decoder's log message with a fixed event name,
+    and drops its warnings and chatter below ERROR.
+
+    Attached to the decoder's own logger, so it runs before the record
+    propagates to any handler (ours, pytest's, a user's)."""
+
+    _mmpipe = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            # pydicom logs each warning it also raises (once per element:
+            # dozens of lines per file); the warning itself is logged once
+            return False
+        record.msg, record.args = "decoder_log", None
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        record.decoder = record.name
+        return True
+
+
+def _is_decoder_logger(name: str) -> bool:
+    return name.split(".", 1)[0] in DECODER_LOGGERS
+
+
+def _origin(filename: str) -> str:
+    """The package a warning was raised in (``pydicom``, ``PIL``, ...): where
+    it came from in code, never what it said."""
+    parts = PurePath(filename).parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts:
+            rest = parts[parts.index(marker) + 1 :]
+            return rest[0].removesuffix(".py") if rest else "unknown"
+    return PurePath(filename).stem or "unknown"
+
+
+def _showwarning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    """``warnings.showwarning`` replacement: one JSON log line with the
+    warning's category and origin.  The text is dropped because decoders'
+    warnings quote the bytes they were given."""
+    log_event(_log, logging.WARNING, "python_warning", kind=category.__name__, origin=_origin(filename))
+
+
+def capture_decoder_output() -> None:
+    """Route every Python warning and every decoder library's log record
+    through JSON logging, keeping only their kind (idempotent, process-wide).
+    Child loggers created later (``PIL.TiffImagePlugin``) are redacted by
+    ``JsonFormatter`` itself.
+
+    Called by ``setup_logging`` and when the decoders are imported, so a
+    worker that decodes without configuring logging is covered too.  A
+    warning filter set to ``error`` still raises (decoders map that to a
+    reason code); ``warnings.catch_warnings`` blocks (tests) still see them."""
+    warnings.showwarning = _showwarning
+    names = [n for n in list(logging.Logger.manager.loggerDict) if _is_decoder_logger(n)]
+    for name in {*DECODER_LOGGERS, *names}:
+        logger = logging.getLogger(name)
+        if not any(getattr(f, "_mmpipe", False) for f in logger.filters):
+            logger.addFilter(_RedactDecoderLog())
 
 
 ID_KEY_ENV = "MMPIPE_ID_HASH_KEY"

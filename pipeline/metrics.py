@@ -51,6 +51,11 @@ class Metrics:
             "consumer_lag", "Kafka consumer lag in records, per partition.",
             [*BASE, "topic", "partition"], namespace=NAMESPACE, registry=registry,
         )
+        self.ignored_modalities = Counter(
+            "ignored_modalities", "Record fields of a modality the model does not take, dropped undecoded "
+            "(limits.extra_modalities: ignore).",
+            [*BASE, "modality"], namespace=NAMESPACE, registry=registry,
+        )
         self.model_info = Gauge(
             "model_info", "Loaded model (value is always 1).",
             [*BASE, "version", "engine", "provider"], namespace=NAMESPACE, registry=registry,

@@ -19,6 +19,7 @@ import hashlib
 import json
 import shutil
 import threading
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,19 @@ class Signature(BaseModel):
     def head_outputs(self) -> dict[str, str]:
         """Head name -> graph output name."""
         return {o.head or o.name: o.name for o in self.outputs}
+
+    @property
+    def needs_fixed_length(self) -> bool:
+        """See :func:`fixed_length_inputs`."""
+        return fixed_length_inputs(self.inputs)
+
+
+def fixed_length_inputs(inputs: Iterable[TensorSpec]) -> bool:
+    """A text model without an attention-mask input: padding reaches its
+    results, so every batch must be padded to the text max_length for a
+    record's answer not to depend on its neighbours."""
+    feats = {i.feature_name() for i in inputs}
+    return "text.input_ids" in feats and "text.attention_mask" not in feats
 
 
 class Variant(BaseModel):

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -71,8 +73,14 @@ class Predictor:
         batch_size: int = 32,
         path: str = "cli",
         metrics: Metrics | None = None,
+        decode_threads: int | None = None,
     ) -> None:
+        """``decode_threads``: threads decoding media (default: the CPUs
+        this process may use, at most 8; 1 decodes inline)."""
         self.package = package
+        self.decode_threads = decode_threads if decode_threads is not None else min(8, len(os.sched_getaffinity(0)))
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: ThreadPoolExecutor | None = None
         self.spec = package.spec
         self.engine = engine
         self.batch_size = batch_size
@@ -93,6 +101,7 @@ class Predictor:
         self._stage_post = m.stage_seconds.labels(**lab, stage="postprocess")
         self._batch_size = m.batch_size.labels(**lab)
         self._request = m.request_seconds.labels(**lab)
+        self.pre.on_extra_modality = lambda m: self.metrics.ignored_modalities.labels(**self._labels, modality=m).inc()
         if engine is None:
             # Decode-only: ``prepare`` without a model loaded (the batch job's
             # CPU decode tasks); ``infer`` refuses.
@@ -143,24 +152,36 @@ class Predictor:
     def _decode_one(self, raw: RawRecord) -> Prepared | tuple[str | None, Reason, str]:
         try:
             return self.pre.prepare(raw)
-        except RecordError as err:
-            return _guess_id(raw), err.code, err.message
-        except Exception as exc:  # a decoder bug must not take the batch down
-            log_event(logger, logging.ERROR, "preprocess_bug", exc_type=type(exc).__name__)
-            return _guess_id(raw), Reason.BAD_RECORD, f"record could not be processed ({type(exc).__name__})"
+        except Exception as exc:
+            return self._decode_failure(raw, exc)
+
+    def _decode_failure(self, raw: RawRecord, exc: Exception) -> tuple[str | None, Reason, str]:
+        if isinstance(exc, RecordError):
+            return _guess_id(raw), exc.code, exc.message
+        # A decoder bug must not take the batch down.
+        log_event(logger, logging.ERROR, "preprocess_bug", exc_type=type(exc).__name__)
+        return _guess_id(raw), Reason.BAD_RECORD, f"record could not be processed ({type(exc).__name__})"
+
+    def _decode_pool(self) -> ThreadPoolExecutor | None:
+        if self.decode_threads <= 1:
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="mmpipe-decode")
+        return self._pool
 
     def decode(self, raws: Iterable[RawRecord]) -> ColumnarBatch:
         """Validate and decode raw records into one columnar batch; a record
         that fails becomes a rejected row with its reason code (counted once,
-        here)."""
+        here).  Texts are tokenized in one batched call and media decoded on
+        ``decode_threads`` threads."""
         t0 = time.perf_counter()
-        builder = self.pre.builder()
-        for pos, raw in enumerate(raws):
-            item = self._decode_one(raw)
+        items = raws if isinstance(raws, Sequence) else list(raws)
+        builder = self.pre.builder(len(items))
+        for pos, (raw, item) in enumerate(zip(items, self.pre.prepare_many(items, self._decode_pool()), strict=True)):
             if isinstance(item, Prepared):
                 builder.add(item, pos)
             else:
-                rid, code, message = item
+                rid, code, message = self._decode_failure(raw, item)
                 builder.reject(pos, rid, code.value, message)
         batch = builder.build()
         self._count_rejections(batch.rejected.codes, batch.rejected.ids)
@@ -247,9 +268,26 @@ class Predictor:
 
     # -- the whole thing -------------------------------------------------------
     def predict_batch(self, raws: Iterable[RawRecord]) -> ResultBatch:
-        """Raw records in, a :class:`ResultBatch` out (input order, errors in place)."""
+        """Raw records in, a :class:`ResultBatch` out (input order, errors in
+        place).  More records than ``batch_size`` are decoded one chunk
+        ahead: chunk k+1 decodes while the engine runs chunk k."""
         t0 = time.perf_counter()
-        out = self.infer_batch(self.decode(raws))
+        items = raws if isinstance(raws, Sequence) else list(raws)
+        n, size = len(items), max(1, self.batch_size)
+        if n <= size or self.decode_threads <= 1:
+            out = self.infer_batch(self.decode(items))
+        else:
+            if self._ahead is None:
+                self._ahead = ThreadPoolExecutor(1, thread_name_prefix="mmpipe-decode-ahead")
+            starts = list(range(0, n, size))
+            pending = self._ahead.submit(self.decode, items[0:size])
+            parts = []
+            for k in range(len(starts)):
+                batch = pending.result()
+                if k + 1 < len(starts):
+                    pending = self._ahead.submit(self.decode, items[starts[k + 1] : starts[k + 1] + size])
+                parts.append(self.infer_batch(batch))
+            out = ResultBatch.merge(parts)
         self._request.observe(time.perf_counter() - t0)
         return out
 
@@ -258,5 +296,8 @@ class Predictor:
         return self.predict_batch(raws).to_results()
 
     def close(self) -> None:
+        for pool in (self._ahead, self._pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         if self.engine is not None:
             self.engine.close()

@@ -8,7 +8,8 @@ one record and raises :class:`RecordError`; ``collate`` never fails.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +71,9 @@ class Preprocessor:
                 if feat not in FEATURES:
                     raise ValueError(f"model input {t.name!r} takes an unknown feature {feat!r}; "
                                      f"known: {sorted(FEATURES)}")
+        # limits.extra_modalities: ignore -- called with each modality dropped
+        # from a record (the Predictor counts them in a metric).
+        self.on_extra_modality: Callable[[str], None] = _uncounted
 
     @classmethod
     def for_package(cls, package: ModelPackage, limits: Limits | None = None,
@@ -97,18 +101,62 @@ class Preprocessor:
     def prepare(self, raw: bytes | str | dict[str, Any] | Record) -> Prepared:
         """Parse, check limits, decode each modality.  Raises RecordError."""
         t0 = time.perf_counter()
+        rec = self._parse_checked(raw)
+        return self._featurize(rec, self._encode([rec])[0], t0)
+
+    def prepare_many(
+        self, raws: Sequence[bytes | str | dict[str, Any] | Record], pool: Executor | None = None,
+    ) -> list[Prepared | Exception]:
+        """:meth:`prepare` for many records at once, each its Prepared or the
+        exception it raised: texts are tokenized in one ``encode_batch`` call
+        and media decoded on ``pool`` (Pillow, libsndfile and PyAV release
+        the GIL while they decode), so one batch keeps every core busy."""
+        t0 = time.perf_counter()
+        parsed: list[Record | Exception] = []
+        for raw in raws:
+            try:
+                parsed.append(self._parse_checked(raw))
+            except Exception as exc:  # RecordError, or a bug the caller reports
+                parsed.append(exc)
+        good = [r for r in parsed if isinstance(r, Record)]
+        encoded = iter(self._encode(good))
+        share = (time.perf_counter() - t0) / max(len(parsed), 1)
+        jobs = [(r, next(encoded)) if isinstance(r, Record) else r for r in parsed]
+
+        def one(job: tuple[Record, Encoded | None] | Exception) -> Prepared | Exception:
+            if isinstance(job, Exception):
+                return job
+            try:
+                return self._featurize(job[0], job[1], time.perf_counter() - share)
+            except Exception as exc:
+                return exc
+
+        if pool is None or len(jobs) < 4:
+            return [one(j) for j in jobs]
+        return list(pool.map(one, jobs))
+
+    def _parse_checked(self, raw: bytes | str | dict[str, Any] | Record) -> Record:
         rec = self.parse(raw)
-        self._check_modalities(rec)
+        return self._check_modalities(rec)
+
+    def _encode(self, recs: Sequence[Record]) -> list[Encoded | None]:
+        """Token ids of each record's text (an empty text's when it has
+        none), in one batched tokenizer call."""
+        if self.prep.text is None or not recs:
+            return [None] * len(recs)
+        assert self.text is not None
+        return self.text.encode_batch([r.text if r.text and r.text.strip() else "" for r in recs])
+
+    def _featurize(self, rec: Record, enc: Encoded | None, t0: float) -> Prepared:
+        """Every modality of a parsed record; raises RecordError."""
         feats: dict[str, np.ndarray] = {}
         present: dict[str, bool] = {}
         offsets: list[tuple[int, int]] = []
         if self.prep.text is not None:
-            assert self.text is not None
-            has_text = bool(rec.text and rec.text.strip())
-            enc: Encoded = self.text.encode(rec.text) if has_text else self.text.empty()
+            assert enc is not None
             feats["input_ids"] = enc.ids
             offsets = [(0, 0) if s else o for o, s in zip(enc.offsets, enc.special, strict=True)]
-            present["text"] = has_text
+            present["text"] = bool(rec.text and rec.text.strip())
         if self.prep.image is not None:
             if rec.image not in (None, "", b""):
                 data = resolve_media(rec.image, "image", self.limits, self.media)
@@ -154,18 +202,31 @@ class Preprocessor:
             preprocess_ms=(time.perf_counter() - t0) * 1000.0,
         )
 
-    def _check_modalities(self, rec: Record) -> None:
+    def _check_modalities(self, rec: Record) -> Record:
+        """The record, or without the fields of modalities the model does not
+        take when ``limits.extra_modalities`` is ``ignore``."""
         accepted = set(self.modalities)
         if "image" in accepted and self.spec.accepts_video:
             accepted.add("video")
         extra = [m for m in rec.modalities() if m not in accepted]
         if extra:
-            raise RecordError(
-                Reason.MODALITY_NOT_SUPPORTED,
-                f"workload {self.spec.name} takes {sorted(accepted)}; record has {extra}",
-            )
+            rec = self._extra_modalities(rec, extra, accepted)
         if rec.image not in (None, "", b"") and rec.video not in (None, "", b""):
             raise RecordError(Reason.BAD_RECORD, "give either image or video, not both")
+        return rec
+
+    # -- limits.extra_modalities --------------------------------------------------------------
+    def _extra_modalities(self, rec: Record, extra: list[str], accepted: set[str]) -> Record:
+        """Reject (the default), or drop the fields undecoded and count each."""
+        if self.limits.extra_modalities == "reject":
+            raise RecordError(
+                Reason.MODALITY_NOT_SUPPORTED,
+                f"workload {self.spec.name} takes {sorted(accepted)}; record has {extra} (set "
+                "limits.extra_modalities: ignore to accept such records without those fields)",
+            )
+        for m in extra:
+            self.on_extra_modality(m)
+        return rec.model_copy(update=dict.fromkeys(extra))
 
     # -- columns ---------------------------------------------------------------------
     def _shapes(self) -> dict[str, tuple[int, ...]]:
@@ -183,12 +244,11 @@ class Preprocessor:
         """Text length every batch is padded to, for a graph that reads
         token ids but has no attention-mask input: padding it cannot hide
         would otherwise make a record's answer depend on its neighbours."""
-        if self.prep.text is None or self.inputs is None:
+        from pipeline.package import fixed_length_inputs
+
+        if self.prep.text is None or self.inputs is None or not fixed_length_inputs(self.inputs):
             return None
-        feats = {t.feature_name() for t in self.inputs}
-        if "text.input_ids" in feats and "text.attention_mask" not in feats:
-            return self.prep.text.max_length
-        return None
+        return self.prep.text.max_length
 
     def builder(self, capacity: int = 64) -> BatchBuilder:
         """An empty :class:`BatchBuilder` for this model's columns."""
@@ -233,3 +293,7 @@ class Preprocessor:
                 arr = canonical[FEATURES[str(feat)]]
             feeds[t.name] = arr if arr.dtype == np.dtype(t.dtype) else arr.astype(t.dtype)
         return feeds
+
+
+def _uncounted(modality: str) -> None:
+    """No metric wired (a Preprocessor outside a Predictor)."""

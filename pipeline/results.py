@@ -74,6 +74,17 @@ class ResultBatch:
             rejected=rej, size=size if size is not None else max(p.size for p in parts),
         )
 
+    @classmethod
+    def merge(cls, parts: Sequence[ResultBatch]) -> ResultBatch:
+        """Results of consecutive batches as one (each part's positions
+        follow the previous part's); :meth:`split` undoes it."""
+        if len(parts) == 1:
+            return parts[0]
+        offsets = np.cumsum([0, *(p.size for p in parts)])[:-1].tolist()
+        shifted = [replace(p, positions=p.positions + off, rejected=Rejected.concat([p.rejected], [off]))
+                   for p, off in zip(parts, offsets, strict=True)]
+        return cls.concat(shifted, size=int(sum(p.size for p in parts)))
+
     def split(self, sizes: Sequence[int]) -> list[ResultBatch]:
         """Consecutive position ranges of ``sizes`` records (undoes a merge
         of several calls' batches)."""

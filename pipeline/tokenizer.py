@@ -101,6 +101,15 @@ class TextEncoder:
             special=np.asarray(enc.special_tokens_mask, dtype=bool),
         )
 
+    def encode_batch(self, texts: list[str]) -> list[Encoded]:
+        """Many texts in one call: the tokenizer runs them in parallel in
+        Rust, outside the GIL."""
+        return [
+            Encoded(ids=np.asarray(e.ids, dtype=np.int64), offsets=[tuple(o) for o in e.offsets],
+                    special=np.asarray(e.special_tokens_mask, dtype=bool))
+            for e in self.tok.encode_batch(texts)
+        ]
+
     def empty(self) -> Encoded:
         """Encoding used when a record has no text (the presence mask hides it)."""
         return self.encode("")

@@ -1,6 +1,6 @@
 """One comparison of results for every test: a path's answers against the
 reference Predictor's (same ids, same error codes, same labels and spans,
-scores within ``PROB_TOL``).  ``mmpipe verify`` (pipeline/verify.py) is the
+scores within ``PROB_TOL``).  ``mmpipe verify`` (pipeline/tooling/verify.py) is the
 user-facing version with per-variant tolerances; tests hold every fp32 path
 to this one."""
 

@@ -27,9 +27,9 @@ def tiny_packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     Good enough to exercise every code path; accuracy is tested separately
     by the end-to-end test that trains fully."""
     from exporters.package import build_package
-    from pipeline import sample_data
     from pipeline.spec import BUILTIN_WORKLOADS, load_workload
-    from pipeline.train import train
+    from pipeline.tooling import sample_data
+    from pipeline.tooling.train import train
 
     root = tmp_path_factory.mktemp("tiny")
     out: dict[str, Path] = {}

@@ -134,7 +134,7 @@ def _check_packages(config: dict[str, Any]) -> None:
 
 # -- the command ---------------------------------------------------------------------------------
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """``mmpipe serve``: wired into pipeline.cli with one line."""
+    """``mmpipe serve``: wired into pipeline.tooling.cli with one line."""
     p = sub.add_parser(
         "serve", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="run the online service: Ray Serve from a Serve config YAML, or tritonserver on a model repository",

@@ -31,10 +31,10 @@ if str(HERE) not in sys.path:
 
 from shop_model import ShopTagger  # noqa: E402
 
-from pipeline import sample_data  # noqa: E402
 from pipeline.preprocess import Preprocessor  # noqa: E402
 from pipeline.signature import load_signature  # noqa: E402
 from pipeline.tokenizer import TextEncoder, train_wordpiece  # noqa: E402
+from pipeline.tooling import sample_data  # noqa: E402
 
 
 def shop_records(n: int, seed: int) -> list[tuple[dict, dict]]:

@@ -65,26 +65,40 @@ def _check_deflated(data: bytes, limits: Limits) -> None:
         )
 
 
-def _check_complete(ds: Any, data: bytes) -> None:
-    """pydicom stops quietly at end of file, so a cut file parses as a shorter
-    dataset (often one that seems to have no pixel data).  The last element
-    read must end exactly where the file ends and hold all its bytes."""
-    from pydicom.dataelem import RawDataElement
+class _ReadTracker(BytesIO):
+    """The file as pydicom reads it, remembering every read that came back short.
 
-    if len(ds) == 0:
-        # also what pydicom returns when the file ends inside an undefined-length element
-        raise _corrupt("DICOM file holds no data elements after its meta information (truncated?)")
-    last = None
-    for tag in ds.keys():  # noqa: SIM118 -- iterating a Dataset converts (and validates) every element
-        elem = ds.get_item(tag)
-        if isinstance(elem, RawDataElement) and (last is None or elem.value_tell > last.value_tell):
-            last = elem
-    if last is None or last.length == 0xFFFFFFFF:
-        return  # undefined length (sequence, encapsulated pixels): checked when decoded
-    held = len(last.value) if last.value is not None else 0
-    tail = data[last.value_tell + last.length :]
-    if held < last.length or (tail and (len(tail) >= 8 or any(tail))):
-        raise _corrupt("DICOM file is truncated: it ends inside a data element")
+    pydicom stops quietly at end of file, so a cut file parses as a shorter
+    dataset.  A complete file ends exactly on an element boundary: pydicom's
+    last read is the 8-byte header read that finds nothing.  Any other short
+    read (a value, a header or an item cut part way, or anything read after
+    the data ran out) means the file ends inside a data element.  This knows
+    nothing of the dataset's structure, so a file whose last element is an
+    undefined-length sequence is judged like any other."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.short: list[tuple[int, int]] = []  # (asked, got) per short read
+        self.reads_after_short = 0
+        self._tail = b""
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        out = super().read(size)
+        if self.short:
+            self.reads_after_short += 1
+        if size is not None and size > 0 and len(out) < size:
+            self.short.append((size, len(out)))
+            self._tail = out
+        return out
+
+    def truncated(self) -> bool:
+        if not self.short:
+            return False
+        if len(self.short) > 1 or self.reads_after_short:
+            return True
+        asked = self.short[0][0]
+        # the clean end, or up to 7 zero bytes of padding after the last element
+        return not (asked == 8 and not any(self._tail))
 
 
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
@@ -134,6 +148,32 @@ def _check_codestream(ds: Any, frames: int, limits: Limits) -> None:
             Reason.IMAGE_TOO_MANY_PIXELS,
             f"DICOM compressed frame declares {w}x{h} = {w * h} pixels, limit {limits.max_image_pixels}",
         )
+
+
+def _unsupported(ts: Any) -> RecordError:
+    """A valid file whose encoding no installed pixel-data plugin reads: not
+    the file's fault, so not ``dicom_corrupt``.  The UID and its registry name
+    are public constants, not patient data."""
+    from pydicom.uid import UID_dictionary
+
+    # a UID outside the DICOM registry is file content: not quoted
+    label = f"{ts.name} ({ts})" if str(ts) in UID_dictionary else "outside the DICOM registry"
+    return RecordError(
+        Reason.DICOM_UNSUPPORTED_TRANSFER_SYNTAX,
+        f"transfer syntax {label}: no installed decoder reads this pixel encoding",
+    )
+
+
+def _decodable(ts: Any) -> bool:
+    """Whether an installed pydicom pixel-data plugin reads this transfer syntax."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        if not ts.is_transfer_syntax:
+            return False
+        return not ts.is_compressed or bool(get_decoder(ts).is_available)
+    except Exception:
+        return False
 
 
 def _int_attr(ds: Any, name: str, default: int | None = None) -> int:
@@ -222,18 +262,22 @@ def load_dicom(data: bytes, limits: Limits, window: str = "auto") -> np.ndarray:
 
 def _load_dicom(data: bytes, limits: Limits, window: str) -> np.ndarray:
     import pydicom
-    from pydicom.pixels import get_decoder
 
     # pydicom's value-validation warnings quote element values (patient data)
     # into warnings and its logger; validation adds nothing for decoding.
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     _check_deflated(data, limits)
+    fp = _ReadTracker(data)
     try:
-        ds = pydicom.dcmread(BytesIO(data), force=False)
+        ds = pydicom.dcmread(fp, force=False)
     except Exception as exc:
         raise _corrupt("DICOM file could not be parsed", exc) from None
-    if getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) != _DEFLATED:
-        _check_complete(ds, data)
+    # (a deflated dataset is inflated in one read; _check_deflated bounds it and
+    # zlib itself refuses a cut stream)
+    if fp.truncated() and getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) != _DEFLATED:
+        raise _corrupt("DICOM file is truncated: it ends inside a data element")
+    if len(ds) == 0:
+        raise _corrupt("DICOM file holds no data elements after its meta information (truncated?)")
     if not any(tag in ds for tag in _PIXEL_TAGS):
         raise RecordError(Reason.DICOM_NO_PIXELS, "DICOM dataset has no pixel data element")
 
@@ -251,19 +295,10 @@ def _load_dicom(data: bytes, limits: Limits, window: str) -> np.ndarray:
 
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
-    if ts is not None and ts.is_compressed:
-        try:
-            available = get_decoder(ts).is_available
-        except Exception:
-            available = False
-        if not available:
-            name = getattr(ts, "name", str(ts))
-            raise RecordError(
-                Reason.DICOM_CORRUPT,
-                f"unsupported transfer syntax {name}: compressed pixel data with no decoder installed",
-            )
-        if "PixelData" in ds and ts.is_encapsulated:
-            _check_codestream(ds, frames, limits)
+    if ts is not None and not _decodable(ts):
+        raise _unsupported(ts)
+    if ts is not None and ts.is_compressed and "PixelData" in ds and ts.is_encapsulated:
+        _check_codestream(ds, frames, limits)
 
     try:
         ds.pixel_array_options(index=0)

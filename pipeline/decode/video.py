@@ -31,19 +31,25 @@ MAX_FPS = 1000
 
 
 def _refuse_io(url: str, flags: int, options: dict) -> Any:
-    raise PermissionError("video containers may not open other resources")
+    raise PermissionError("media containers may not open other resources")
+
+
+def open_container(data: bytes, format_whitelist: str) -> Any:
+    """``av.open`` on in-memory bytes, limited to the named demuxers and
+    unable to open any other resource (shared with the audio decoder)."""
+    import av
+
+    return av.open(
+        BytesIO(data),
+        mode="r",
+        container_options={"format_whitelist": format_whitelist, "protocol_whitelist": "none"},
+        io_open=_refuse_io,
+    )
 
 
 def _open(data: bytes) -> Any:
-    import av
-
     try:
-        return av.open(
-            BytesIO(data),
-            mode="r",
-            container_options={"format_whitelist": _FORMAT_WHITELIST, "protocol_whitelist": "none"},
-            io_open=_refuse_io,
-        )
+        return open_container(data, _FORMAT_WHITELIST)
     except Exception as exc:
         raise RecordError(
             Reason.VIDEO_CORRUPT, f"not a readable video container ({type(exc).__name__})"
@@ -109,7 +115,21 @@ def _targets(count: int, n_frames: int) -> list[int]:
     return [int((i + 0.5) * count / n_frames) for i in range(n_frames)]
 
 
+def _quarter_turns(frame: Any) -> int:
+    """Counter-clockwise quarter turns the display matrix asks for (a phone
+    held upright records landscape pixels plus rotation 90 or 270), rounded
+    as FFmpeg's own autorotate does; a matrix that also mirrors is rare and
+    is applied as its rotation only."""
+    try:
+        degrees = float(getattr(frame, "rotation", 0) or 0)
+    except (TypeError, ValueError):
+        return 0
+    return round(degrees / 90.0) % 4 if math.isfinite(degrees) else 0
+
+
 def _frame_to_array(frame: Any, max_side: int | None) -> np.ndarray:
+    """One frame as float32 ``HxWx3`` in [0, 1], upright (as photos honour
+    EXIF orientation), shrunk to ``max_side`` while converting colour."""
     w, h = int(frame.width), int(frame.height)
     if max_side is not None and max(w, h) > max_side:
         scale = max_side / max(w, h)
@@ -117,6 +137,9 @@ def _frame_to_array(frame: Any, max_side: int | None) -> np.ndarray:
         rgb = frame.to_ndarray(format="rgb24", width=nw, height=nh, interpolation="AREA")
     else:
         rgb = frame.to_ndarray(format="rgb24")
+    turns = _quarter_turns(frame)
+    if turns:
+        rgb = np.rot90(rgb, turns)
     return np.asarray(rgb, dtype=np.float32) / 255.0
 
 

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import importlib
+
 from pipeline.config import EngineConfig
 from pipeline.engines.base import Engine, EngineUnavailable
 from pipeline.package import ModelPackage
 
+TORCH_ENGINE_MODULE = "pipeline.tooling.torch_engine"
+
+
+def resolve_kind(package: ModelPackage, kind: str) -> str:
+    """What ``engine.kind: auto`` means for ``package``: ONNX Runtime when
+    the package has an ONNX export, else the PyTorch reference."""
+    if kind != "auto":
+        return kind
+    return "onnxruntime" if "onnx-fp32" in package.manifest.variants else "torch"
+
 
 def create_engine(package: ModelPackage, cfg: EngineConfig) -> Engine:
     """Build the configured engine for a verified package."""
-    kind = cfg.kind
-    if kind == "auto":
-        kind = "onnxruntime" if "onnx-fp32" in package.manifest.variants else "torch"
+    kind = resolve_kind(package, cfg.kind)
     if kind == "torch":
-        from pipeline.engines.torch_engine import TorchEngine
+        # The PyTorch reference lives with the model family (tooling); it is
+        # loaded by name, only when a config asks for it, so the runtime
+        # never imports tooling or torch otherwise.
+        TorchEngine = importlib.import_module(TORCH_ENGINE_MODULE).TorchEngine
 
         variant = package.variant("torch")
         model_dir = package.path(variant.files[0]).parent
@@ -30,7 +43,7 @@ def create_engine(package: ModelPackage, cfg: EngineConfig) -> Engine:
     )
 
 
-__all__ = ["Engine", "EngineUnavailable", "create_engine"]
+__all__ = ["Engine", "EngineUnavailable", "create_engine", "resolve_kind"]
 
 
 def _onnx_engine(package: ModelPackage, cfg: EngineConfig) -> Engine:

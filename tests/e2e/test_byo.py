@@ -278,13 +278,13 @@ def test_cli_package_predict(ways: dict[str, Way], tmp_path: Path) -> None:
     elsewhere = ways["onnx"].package.root.parent / "elsewhere"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = tmp_path / "pkg"
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "--log-level", "WARNING", "package", "--onnx",
+    r = subprocess.run([sys.executable, "-m", "pipeline", "--log-level", "WARNING", "package", "--onnx",
                         str(elsewhere / "tagger.onnx"), "--signature", str(elsewhere / "signature.yaml"),
                         "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "package shop-onnx v1 (shop-onnx)" in r.stdout
     recs = _write_jsonl(ways["onnx"].records[:6], tmp_path / "recs.jsonl")
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "--log-level", "WARNING", "predict", "--package",
+    r = subprocess.run([sys.executable, "-m", "pipeline", "--log-level", "WARNING", "predict", "--package",
                         str(out), "--input", str(recs)], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr

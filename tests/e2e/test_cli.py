@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_top_level_help_lists_commands_and_flow() -> None:
@@ -48,7 +48,7 @@ def test_unknown_workload_is_a_clear_error(tmp_path) -> None:
 
 
 def test_sigusr1_dumps_every_threads_stack_and_the_process_goes_on() -> None:
-    code = ("import sys, threading, time; from pipeline.cli import _dump_stacks_on_sigusr1\n"
+    code = ("import sys, threading, time; from pipeline.tooling.cli import _dump_stacks_on_sigusr1\n"
             "_dump_stacks_on_sigusr1()\n"
             "threading.Thread(target=time.sleep, args=(60,), name='worker', daemon=True).start()\n"
             "print('ready', flush=True); time.sleep(3); print('still running', flush=True)\n")

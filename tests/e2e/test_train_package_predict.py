@@ -12,14 +12,14 @@ import pytest
 
 from pipeline.records import Result
 from pipeline.spec import load_workload
-from pipeline.train import score_results
+from pipeline.tooling.train import score_results
 
 pytestmark = pytest.mark.slow
 
 
 def mmpipe(*args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "--log-level", "WARNING", *args],
+        [sys.executable, "-m", "pipeline", "--log-level", "WARNING", *args],
         capture_output=True, text=True, timeout=1200,
     )
     assert proc.returncode == 0, f"mmpipe {args[0]} failed:\n{proc.stdout}\n{proc.stderr}"
@@ -42,7 +42,7 @@ def test_generate_train_package_predict(tmp_path: Path, workload: str) -> None:
     errors = [r for r in rows if "error" in r]
     assert errors, "the broken records must come back as errors"
     assert all(r["error"]["message"] for r in errors)
-    from pipeline import sample_data
+    from pipeline.tooling import sample_data
 
     expected = sorted(reason for _, reason in sample_data.broken_records(workload, 42))
     assert sorted(r["error"]["code"] for r in errors) == expected, "each broken record with its own reason"

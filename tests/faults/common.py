@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import sample_data
 from pipeline.config import EngineConfig
 from pipeline.engines import Engine, create_engine
 from pipeline.package import load_package
 from pipeline.predictor import Predictor
 from pipeline.records import Result, json_safe, record_bytes
+from pipeline.tooling import sample_data
 from tests.compare import difference
 
 

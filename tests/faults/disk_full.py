@@ -39,7 +39,7 @@ def _batch(a: argparse.Namespace, out: Path, *, resume: bool) -> dict[str, Any]:
     ray_tmp = tempfile.mkdtemp(prefix="mmray-df-", dir="/tmp")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "pipeline.cli", "--log-level", "WARNING", "batch", "-c", a.config,
+    cmd = [sys.executable, "-m", "pipeline", "--log-level", "WARNING", "batch", "-c", a.config,
            "--package", a.package, "--input", a.input, "--output", str(out), "--run-date", RUN_DATE,
            "--no-progress", "--json", *(["--resume"] if resume else [])]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)

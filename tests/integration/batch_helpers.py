@@ -15,8 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline import sample_data
 from pipeline.records import jsonl_line
+from pipeline.tooling import sample_data
 
 ROOT = Path(__file__).resolve().parents[2]
 

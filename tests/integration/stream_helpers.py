@@ -25,7 +25,6 @@ import yaml
 from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client import CollectorRegistry
 
-from pipeline import sample_data
 from pipeline.config import load_settings
 from pipeline.engines import Engine, create_engine
 from pipeline.metrics import get_metrics
@@ -33,6 +32,7 @@ from pipeline.package import load_package
 from pipeline.predictor import Predictor
 from pipeline.records import json_safe
 from pipeline.stream.consumer import StreamConsumer
+from pipeline.tooling import sample_data
 from tests.integration.kafka_broker import KafkaBroker, KafkaCluster, KafkaUnavailable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -218,7 +218,7 @@ class StreamProc:
         env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
         self._fh = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "--log-level", "INFO", "stream", "--config", str(self.config)],
+            [sys.executable, "-m", "pipeline", "--log-level", "INFO", "stream", "--config", str(self.config)],
             cwd=REPO, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
         )
 

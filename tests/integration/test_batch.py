@@ -39,7 +39,6 @@ pytest.importorskip("torch")  # the ONNX export of the tiny packages
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import sample_data
 from pipeline.batch import JobOptions, run_batch
 from pipeline.batch.output import read_errors, read_results, read_summary
 from pipeline.config import BatchConfig, EngineConfig, MediaConfig, Settings
@@ -47,6 +46,7 @@ from pipeline.engines import create_engine
 from pipeline.package import load_package
 from pipeline.predictor import Predictor
 from pipeline.records import Result
+from pipeline.tooling import sample_data
 from tests.compare import assert_same as assert_same_list
 from tests.integration import batch_helpers
 from tests.integration import triton_server as ts
@@ -281,7 +281,7 @@ def test_killed_driver_publishes_nothing_and_resume_finishes(packages, local_ray
     env.pop("RAY_ADDRESS", None)
     log = (tmp_path / "driver.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "--log-level", "WARNING", "batch", "-c", str(cfg),
+        [sys.executable, "-m", "pipeline", "--log-level", "WARNING", "batch", "-c", str(cfg),
          "--package", pkg, "--input", str(tmp_path / "records.jsonl"), "--output", str(out),
          "--run-date", RUN_DATE, "--no-progress"],
         env=env, cwd=tmp_path, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,

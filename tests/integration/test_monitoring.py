@@ -149,7 +149,7 @@ def exported_metrics(tiny_packages: dict[str, Path], tmp_path_factory: pytest.Te
     cfg = tmp / "settings.yaml"
     cfg.write_text(yaml.safe_dump({"metrics": {"port": port}, "log_level": "WARNING"}))
     exe = Path(sys.executable).parent / "mmpipe"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline"]
     proc = subprocess.Popen([*cmd, "predict", "--config", str(cfg), "--package", str(tiny_packages["retail"])],
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

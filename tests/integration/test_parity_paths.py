@@ -16,7 +16,7 @@ They go through every path, each one the code a user runs:
     batch        the Ray Data batch job                   (``run_batch`` on a local Ray, Parquet read back)
     stream       the Kafka stream                         (a StreamConsumer on a real Apache Kafka broker)
 
-through the runners of ``mmpipe verify`` (pipeline/verify.py).  Labels must
+through the runners of ``mmpipe verify`` (pipeline/tooling/verify.py).  Labels must
 be identical and scores within the tolerance of the variant on every pair
 of paths; every broken record must be rejected with its reason code on
 every path, and no path may lose a record.  The path x path matrix is
@@ -27,7 +27,7 @@ Models: by default the session's tiny packages (a few training steps), which
 keep this module to a few minutes.  Their int8 export cannot pass its own
 parity gate (near-tied scores flip under quantisation: 95-98% label
 agreement), so int8 is checked in ``test_int8_variant_on_a_trained_model``
-on the demo's trained retail model (``pipeline.demo.cached_package``,
+on the demo's trained retail model (``pipeline.tooling.demo.cached_package``,
 trained once per code version, about 20 s, cached under
 ~/.cache/mmpipe/models).  ``MMPIPE_PARITY_MODELS=demo`` runs every path on
 the demo's trained models of all three workloads instead, int8 in the same
@@ -56,10 +56,10 @@ pytest.importorskip("torch")  # the PyTorch reference and the ONNX export
 pytest.importorskip("tritonclient.grpc")
 
 from exporters.triton_repo import DEPLOY_DIR, build_triton_repo
-from pipeline import sample_data
 from pipeline.config import BatchConfig, EngineConfig, Settings, StreamConfig
 from pipeline.package import ModelPackage, load_package
-from pipeline.verify import (
+from pipeline.tooling import sample_data
+from pipeline.tooling.verify import (
     PathRun,
     PathSpec,
     batch_path,
@@ -129,8 +129,8 @@ def coverage(records: list[Any]) -> Counter[str]:
 def packages(tiny_packages: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelPackage]:
     """Per workload, the package every path serves (ONNX exported)."""
     if MODELS == "demo":
-        from pipeline.demo import cached_package
         from pipeline.spec import load_workload
+        from pipeline.tooling.demo import cached_package
 
         root = tmp_path_factory.mktemp("parity-demo")
         out = {}
@@ -285,8 +285,8 @@ def test_int8_variant_on_a_trained_model(records, parity_report, tmp_path, capsy
     on at least 99% of records) against PyTorch and ONNX fp32, on a trained
     model.  With MMPIPE_PARITY_MODELS=demo the matrix above has int8 for
     every workload already; this checks the retail model either way."""
-    from pipeline.demo import cached_package
     from pipeline.spec import load_workload
+    from pipeline.tooling.demo import cached_package
 
     src, _ = cached_package(load_workload("retail"))
     pkg = load_package(shutil.copytree(src, tmp_path / "retail"))
@@ -307,7 +307,7 @@ def test_int8_variant_on_a_trained_model(records, parity_report, tmp_path, capsy
 
 # -- mmpipe verify, as a user runs it -------------------------------------------------------------------------------
 def run_verify(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    from pipeline.cli import main
+    from pipeline.tooling.cli import main
 
     try:
         rc = main(["--log-level", "WARNING", "verify", *args])
@@ -360,8 +360,8 @@ def test_mmpipe_verify_catches_a_stream_running_another_model(packages, broker, 
     """The check can fail: a ``mmpipe stream`` serving another model of the
     same workload (the demo's trained retail model) disagrees with the
     package being verified, and the command says which path and exits 3."""
-    from pipeline.demo import cached_package
     from pipeline.spec import load_workload
+    from pipeline.tooling.demo import cached_package
 
     other, _ = cached_package(load_workload("retail"))
     pkg = packages["retail"]

@@ -39,7 +39,6 @@ import pytest
 import yaml
 
 from exporters.onnx_export import export_package
-from pipeline import sample_data
 from pipeline.config import EngineConfig
 from pipeline.engines import create_engine
 from pipeline.engines.triton_engine import TritonEngine
@@ -47,6 +46,7 @@ from pipeline.package import ModelPackage, load_package
 from pipeline.postprocess import head_result
 from pipeline.predictor import Predictor
 from pipeline.records import Result, json_safe, record_bytes
+from pipeline.tooling import sample_data
 from tests.compare import assert_same
 from tests.integration.prometheus import PrometheusServer, prometheus_binary
 from tests.integration.serve_helpers import Server, free_port, running_serve, serve_app

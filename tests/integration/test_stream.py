@@ -25,7 +25,6 @@ pytest.importorskip("torch")  # the ONNX export of the tiny packages
 from kafka import KafkaProducer
 from prometheus_client import CollectorRegistry
 
-from pipeline import sample_data
 from pipeline.config import EngineConfig
 from pipeline.engines import create_engine
 from pipeline.metrics import get_metrics
@@ -33,6 +32,7 @@ from pipeline.package import load_package
 from pipeline.predictor import Predictor
 from pipeline.records import Result, record_bytes
 from pipeline.stream.consumer import StreamError
+from pipeline.tooling import sample_data
 from tests.compare import assert_same
 from tests.integration.kafka_broker import (
     SASL_PASSWORD,

@@ -45,7 +45,6 @@ pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from exporters.triton_repo import DEPLOY_DIR, build_triton_repo, repository_models
-from pipeline import sample_data
 from pipeline.config import EngineConfig
 from pipeline.engines import create_engine
 from pipeline.engines.triton_engine import TritonEngine, TritonEngineError, TritonUnavailable
@@ -54,6 +53,7 @@ from pipeline.postprocess import head_result, sigmoid, softmax
 from pipeline.predictor import Predictor
 from pipeline.preprocess import Preprocessor
 from pipeline.records import ErrorInfo, Result, json_safe, record_bytes
+from pipeline.tooling import sample_data
 
 WORKLOADS = ("medical", "retail")
 

@@ -31,7 +31,7 @@ WORKLOAD = "retail"
 
 
 def mmpipe(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, **kw)
 
 
@@ -81,12 +81,12 @@ def repo(tiny_packages: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
 
 def test_serve_triton_answers_like_the_local_predictor_and_stops_cleanly(repo, tmp_path) -> None:
     httpclient = pytest.importorskip("tritonclient.http")
-    from pipeline import sample_data
     from pipeline.config import EngineConfig
     from pipeline.engines import create_engine
     from pipeline.package import load_package
     from pipeline.postprocess import head_result
     from pipeline.predictor import Predictor
+    from pipeline.tooling import sample_data
 
     pkg_dir, repo_dir = repo
     pkg = load_package(pkg_dir)
@@ -94,7 +94,7 @@ def test_serve_triton_answers_like_the_local_predictor_and_stops_cleanly(repo, t
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "serve", "--backend", "triton", "--repository", str(repo_dir),
+            [sys.executable, "-m", "pipeline", "serve", "--backend", "triton", "--repository", str(repo_dir),
              "--cpu-only", "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
              "--timeout", "240"],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)

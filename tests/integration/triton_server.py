@@ -56,8 +56,8 @@ def onnx_package(src: Path, root: Path, samples: int = 12) -> Path:
     generated records).  Reused when it already exists, so the unit and
     integration tests of one session export each workload once."""
     from exporters.onnx_export import export_package
-    from pipeline import sample_data
     from pipeline.package import load_package
+    from pipeline.tooling import sample_data
 
     dst = root / src.name
     if dst.is_dir():

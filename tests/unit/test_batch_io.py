@@ -104,7 +104,7 @@ def test_staging_commit_replace_and_lock(tmp_path: Path) -> None:
 
 def test_cli_refuses_bad_package_and_input_with_exit_2(tmp_path: Path, tiny_packages: dict[str, Path],
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline.cli import main
+    from pipeline.tooling.cli import main
 
     assert main(["batch", "--package", str(tmp_path / "nope"), "--input", str(tmp_path), "--output",
                  str(tmp_path / "o")]) == 2

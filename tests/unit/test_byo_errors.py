@@ -57,6 +57,22 @@ class TextTagger(nn.Module):
 
 def make_tagger(**kw):
     return Tagger(**kw)
+
+
+class TextImageTagger(nn.Module):
+    """token ids (+ mask) and an image -> 3 category logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(2000, 4)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids, mask, image):
+        m = mask.unsqueeze(-1).float()
+        x = self.emb(ids).view(ids.shape[0], -1, 2, 2).flatten(2)  # split into heads, as attention layers do
+        text = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.head(torch.cat([text, self.conv(image).mean(dim=(2, 3))], dim=-1))
 '''
 
 
@@ -92,7 +108,7 @@ def weights_for(user: Path, **kw: object) -> Path:
 def samples(user: Path, n: int = 10) -> Path:
     import base64
 
-    from pipeline.sample_data import generate
+    from pipeline.tooling.sample_data import generate
     lines = []
     for s in generate("retail", n, seed=1, missing_rate=0.0):
         lines.append(json.dumps({"id": s.record["id"], "workload": "shop",
@@ -121,7 +137,8 @@ def test_module_raises_on_import(user: Path) -> None:
 
 
 def test_attribute_missing_lists_what_is_there(user: Path) -> None:
-    with pytest.raises(byo.ByoError, match=r"has no 'Tagr'; it defines \['Tagger', 'TextTagger', 'make_tagger'\]"):
+    with pytest.raises(byo.ByoError, match=r"has no 'Tagr'; it defines \['Tagger', 'TextImageTagger', 'TextTagger', "
+                                           r"'make_tagger'\]"):
         byo.import_object("usermodels.tagger:Tagr")
 
 
@@ -306,7 +323,7 @@ def test_text_without_tokenizer(user: Path) -> None:
 
 
 def test_cli_reports_errors_without_traceback(user: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline.cli import main
+    from pipeline.tooling.cli import main
 
     rc = main(["package", "--module", "nowhere.x:Y", "--weights", "w.safetensors", "--signature",
                str(user / "sig.yaml"), "--out", str(user / "pkg")])
@@ -316,3 +333,126 @@ def test_cli_reports_errors_without_traceback(user: Path, capsys: pytest.Capture
     assert rc == 2 and "need --signature" in capsys.readouterr().err
     assert isinstance(byo.ByoError("x"), PackageError)
     assert np.dtype("float32")  # numpy is what serving needs
+
+
+# -- models brought as they are: int8, samples, extra modalities, tokenizers -------------------------------------
+def test_int8_that_would_quantize_nothing_is_refused(user: Path) -> None:
+    """The Tagger's only dense layer is its head, which stays fp32: an "int8"
+    file would be the fp32 model renamed, so the export says so and stops."""
+    with pytest.raises(ExportError, match=r"int8 variant refused: all 1 of the model's MatMul/Gemm nodes with "
+                                          r"weights are its heads, which stay fp32 \(/inner/head/Gemm\).*drop int8"):
+        byo.package_module("usermodels.tagger:Tagger", user / "sig.yaml", user / "pkg", weights=weights_for(user),
+                           samples=samples(user), variants=("fp32", "int8"))
+    assert not (user / "pkg").exists()
+
+
+def _with(path: Path, out: Path, **fields: object) -> Path:
+    recs = [{**json.loads(line), **fields} for line in path.read_text().splitlines()]
+    out.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return out
+
+
+def test_samples_with_an_extra_modality_are_used_and_counted(user: Path) -> None:
+    """Sample records that carry text the image-only model does not take are
+    used (the field ignored), and the report says so."""
+    extra = _with(samples(user), user / "extra.jsonl", text="a red shirt")
+    pkg = byo.package_module("usermodels.tagger:Tagger", user / "sig.yaml", user / "pkg", weights=weights_for(user),
+                             samples=extra)
+    assert pkg.manifest.parity["samples"] == {"given": 10, "used": 10, "not_used": {},  # type: ignore[index]
+                                              "extra_ignored": {"text": 10}}
+
+
+def test_no_usable_samples_says_why(user: Path) -> None:
+    wrong = _with(samples(user), user / "wrong.jsonl", workload="retail")
+    with pytest.raises(ExportError, match=r"only 0 of 10 sample records are usable; parity needs at least 8\. "
+                                          r"Not used: 10 workload_mismatch \(e\.g\. record is for workload "
+                                          r"'retail'; this model serves 'shop'\)"):
+        byo.package_module("usermodels.tagger:Tagger", user / "sig.yaml", user / "pkg", weights=weights_for(user),
+                           samples=wrong)
+
+
+def test_extra_modalities_reject_or_ignore(user: Path) -> None:
+    """Deployment setting limits.extra_modalities: reject (default) keeps
+    today's reason code; ignore drops the field and counts it."""
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.config import EngineConfig, Limits, load_settings
+    from pipeline.engines import create_engine
+    from pipeline.metrics import get_metrics
+    from pipeline.predictor import Predictor
+
+    pkg = byo.package_onnx(_export(user, (2, 3, 16, 16)), user / "sig.yaml", user / "pkg")
+    rec = json.loads(samples(user, 1).read_text().splitlines()[0])
+    records = [json.dumps({**rec, "text": "a red shirt", "audio": "AAAA"}),
+               json.dumps({"id": "t", "workload": "shop", "text": "text only"})]
+    engine = create_engine(pkg, EngineConfig(kind="onnxruntime", device="cpu"))
+    default = Predictor(pkg, engine, metrics=get_metrics(CollectorRegistry())).predict(records)
+    assert [r.error.code for r in default] == ["modality_not_supported"] * 2  # type: ignore[union-attr]
+    assert "limits.extra_modalities: ignore" in default[0].error.message  # type: ignore[union-attr]
+    settings = load_settings(env={"MMPIPE__LIMITS__EXTRA_MODALITIES": "ignore"})
+    assert settings.limits is not None and settings.limits.extra_modalities == "ignore"
+    registry = CollectorRegistry()
+    pred = Predictor(pkg, engine, limits=settings.limits, metrics=get_metrics(registry))
+    got = pred.predict(records)
+    alone = pred.predict([json.dumps(rec)])[0]
+    assert got[0].error is None and got[0].heads == alone.heads  # the text and audio changed nothing
+    assert got[1].error.code == "no_modality"  # type: ignore[union-attr]  # nothing left the model takes
+    labels = {"path": "cli", "workload": "shop", "model": pkg.name}
+    count = {m: registry.get_sample_value("mmpipe_ignored_modalities_total", {**labels, "modality": m})
+             for m in ("text", "audio")}
+    assert count == {"text": 2.0, "audio": 1.0}
+    with pytest.raises(ValueError, match="extra_modalities"):
+        Limits(extra_modalities="keep")  # type: ignore[arg-type]
+
+
+def _text_image_user(user: Path, tokenizer: object) -> tuple[Path, Path, Path]:
+    """The TextImageTagger's weights, signature (with ``tokenizer``) and
+    samples, one of which has no text."""
+    sys.path.insert(0, str(user))
+    from usermodels.tagger import TextImageTagger
+
+    torch.manual_seed(0)
+    save_file(TextImageTagger().state_dict(), str(user / "ti.safetensors"))
+    tokenizer.save(str(user / "tok" / "tokenizer.json"))  # type: ignore[attr-defined]
+    sig = {"workload": "shop", "inputs": [
+        {"name": "ids", "modality": "text", "dtype": "int64", "shape": ["batch", "sequence"],
+         "preprocessing": {"tokenizer": "tok", "max_length": 16}},
+        {"name": "mask", "modality": "text", "feature": "attention_mask", "dtype": "int64",
+         "shape": ["batch", "sequence"]},
+        {"name": "image", "modality": "image", "shape": ["batch", 3, 16, 16], "preprocessing": {"size": 16}}],
+        "outputs": [{"name": "category", "type": "multiclass", "labels": ["a", "b", "c"]}]}
+    (user / "ti.yaml").write_text(yaml.safe_dump(sig))
+    return user / "ti.safetensors", user / "ti.yaml", samples(user)  # image-only records: no text at all
+
+
+def _tokenizer(special: bool) -> object:
+    from pipeline.tokenizer import train_wordpiece
+
+    tok = train_wordpiece(["a red shirt", "a blue phone", "fresh bread"], vocab_size=200)
+    if not special:
+        data = json.loads(tok.to_str())
+        data["post_processor"] = None  # as a tokenizer trained without a template is saved
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(json.dumps(data))
+    return tok
+
+
+def test_tokenizer_without_special_tokens_and_records_without_text(user: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    (user / "tok").mkdir()
+    weights, sig, recs = _text_image_user(user, _tokenizer(special=False))
+    with pytest.raises(byo.ByoError, match=r"turns an empty text into no tokens at all \(it adds no \[CLS\]/\[SEP\]"
+                                           r".*it also takes image.*length 0\. Give the tokenizer a post-processor"):
+        byo.package_module("usermodels.tagger:TextImageTagger", sig, user / "pkg", weights=weights, samples=recs)
+    assert not (user / "pkg").exists() and not list(user.glob(".pkg.*"))
+    from pipeline.tooling.cli import main
+
+    rc = main(["package", "--module", "usermodels.tagger:TextImageTagger", "--weights", str(weights),
+               "--signature", str(sig), "--samples", str(recs), "--out", str(user / "pkg")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "turns an empty text into no tokens" in err and "Traceback" not in err
+    # the same model with a tokenizer that adds [CLS]/[SEP] packages, text-less records and all
+    weights, sig, recs = _text_image_user(user, _tokenizer(special=True))
+    pkg = byo.package_module("usermodels.tagger:TextImageTagger", sig, user / "pkg", weights=weights, samples=recs)
+    assert pkg.manifest.parity["variants"]["fp32"]["passed"]  # type: ignore[index]

@@ -284,11 +284,26 @@ def test_image_truncated_is_corrupt():
 def test_image_unsupported_formats():
     _raises(Reason.IMAGE_UNSUPPORTED_FORMAT, load_image, RNG.bytes(1000), LIMITS)
     _raises(Reason.IMAGE_UNSUPPORTED_FORMAT, load_image, b"", LIMITS)
-    for fmt in ("GIF", "BMP", "TIFF"):
+    for fmt, name in (("PPM", "Netpbm"), ("ICO", "ICO"), ("PDF", "PDF"), ("JPEG2000", "JPEG 2000")):
         err = _raises(
-            Reason.IMAGE_UNSUPPORTED_FORMAT, load_image, _save(Image.new("RGB", (4, 4)), fmt), LIMITS
+            Reason.IMAGE_UNSUPPORTED_FORMAT, load_image, _save(Image.new("RGB", (16, 16)), fmt), LIMITS
         )
-        assert fmt in err.message
+        assert name in err.message, err.message  # the error names the format it saw
+    err = _raises(Reason.IMAGE_UNSUPPORTED_FORMAT, load_image, _video(), LIMITS)
+    assert "MP4" in err.message
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "AVIF", "HEIF"])
+def test_more_formats_accepted_under_the_same_limits(fmt):
+    img = Image.fromarray(_noise_rgb(40, 30))
+    data = _save(img, fmt, **({"quality": 100} if fmt in ("AVIF", "HEIF") else {}))
+    out = load_image(data, LIMITS)
+    assert out.shape == (30, 40, 3)
+    if fmt in ("BMP", "TIFF"):
+        np.testing.assert_array_equal(out, np.asarray(img, np.float32) / 255)
+    _raises(Reason.IMAGE_TOO_MANY_PIXELS, load_image, data, Limits(max_image_pixels=1199))
+    _raises(Reason.IMAGE_TOO_LARGE, load_image, data, Limits(max_image_bytes=len(data) - 1))
+    _raises(Reason.IMAGE_CORRUPT, load_image, data[: len(data) // 2], LIMITS)
 
 
 def test_image_decompression_bombs():
@@ -299,7 +314,8 @@ def test_image_decompression_bombs():
     assert "1000" in err.message
     # hand-crafted headers: above our limit only, and above Pillow's own hard limit too
     _raises(Reason.IMAGE_TOO_MANY_PIXELS, load_image, _png_claiming(8000, 6000), LIMITS)
-    _raises(Reason.IMAGE_TOO_MANY_PIXELS, load_image, _png_claiming(20000, 20000), LIMITS)
+    err = _raises(Reason.IMAGE_TOO_MANY_PIXELS, load_image, _png_claiming(20000, 20000), LIMITS)
+    assert "20000x20000" in err.message  # Pillow's own guard fired first; the dimensions are still given
     # Pillow's DecompressionBombWarning, when warnings are errors, is mapped too
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -406,15 +422,21 @@ def test_dicom_reason_codes():
     _raises(Reason.DICOM_CORRUPT, load_dicom, b"not dicom", LIMITS)
 
 
-def test_dicom_compressed_without_decoder_says_so():
-    from pydicom.pixels import get_decoder
+def test_dicom_transfer_syntax_without_decoder_has_its_own_reason():
+    """A valid file in an encoding nothing installed decodes is not corrupt."""
+    from pydicom.uid import MPEG4HP41
 
-    data = _bundled("MR_small_jpeg_ls_lossless.dcm").read_bytes()
-    ts = pydicom.dcmread(io.BytesIO(data)).file_meta.TransferSyntaxUID
-    if get_decoder(ts).is_available:
-        pytest.skip("a JPEG-LS decoder is installed here")
-    err = _raises(Reason.DICOM_CORRUPT, load_image, data, LIMITS, allow_dicom=True)
-    assert "transfer syntax" in err.message and "no decoder" in err.message
+    ds = pydicom.dcmread(_bundled("MR_small_jpeg_ls_lossless.dcm"))
+    ds.file_meta.TransferSyntaxUID = MPEG4HP41  # pydicom has no decoder for video transfer syntaxes
+    err = _raises(
+        Reason.DICOM_UNSUPPORTED_TRANSFER_SYNTAX, load_image, _dcm_bytes(ds), LIMITS, allow_dicom=True
+    )
+    assert "MPEG-4" in err.message and MPEG4HP41 in err.message and "no installed decoder" in err.message
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4.5.6.7"  # outside the registry: not quoted
+    err = _raises(
+        Reason.DICOM_UNSUPPORTED_TRANSFER_SYNTAX, load_image, _dcm_bytes(ds), LIMITS, allow_dicom=True
+    )
+    assert "1.2.3.4.5.6.7" not in err.message
 
 
 def test_dicom_compressed_frame_size_checked_before_decoding():
@@ -797,3 +819,25 @@ def test_fuzz_video_arbitrary_bytes(data):
 @given(_mutated(VIDEO_BASES))
 def test_fuzz_video_mutated(data):
     _check(lambda d: decode_video(d, _VIDEO_PREP, FUZZ_LIMITS), (3, 16, 16), data)
+
+
+@pytest.mark.parametrize(("degrees", "turns"), [(0, 0), (90, 1), (180, 2), (270, 3), (-90, 3)])
+def test_video_display_matrix_applied(degrees, turns):
+    """Frames come out as the display matrix shows them (counter-clockwise
+    quarter turns, as FFmpeg's autorotate): a left-white frame rotated."""
+    img = np.zeros((32, 64, 3), np.uint8)
+    img[:, :32] = 255
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
+        s.set_display_rotation(degrees)
+        for _ in range(3):
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    frame = load_keyframes(buf.getvalue(), LIMITS, 1)[0]
+    want = np.rot90(img, turns).astype(np.float32) / 255
+    assert frame.shape == want.shape
+    assert np.abs(frame - want).mean() < 0.05

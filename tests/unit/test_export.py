@@ -15,14 +15,14 @@ pytest.importorskip("onnxruntime")
 
 from exporters.onnx_export import ExportError, export_package
 from exporters.package import build_package
-from pipeline import sample_data
 from pipeline.config import EngineConfig
 from pipeline.engines import create_engine
 from pipeline.errors import PackageError
 from pipeline.package import load_package, write_manifest
 from pipeline.predictor import Predictor
 from pipeline.spec import HeadSpec, load_workload
-from pipeline.train import train
+from pipeline.tooling import sample_data
+from pipeline.tooling.train import train
 
 
 def _all_heads_package(root: Path, fusion: str) -> Path:
@@ -50,6 +50,7 @@ def test_export_parity_every_fusion_and_head(tmp_path: Path, fusion: str) -> Non
         assert v["passed"], v["failures"]
         assert set(v["max"]) == {"findings", "report_tags", "primary"}
     assert report["variants"]["fp32"]["sample_agreement"] == 1.0
+    _heads_and_fusion_stay_fp32(pkg.path("onnx/model.int8.onnx"), report["variants"]["int8"]["quantization"])
     assert pkg.manifest.parity == json.loads(json.dumps(report))
     # Every file of every variant is checksummed.
     for v in pkg.manifest.variants.values():
@@ -68,6 +69,22 @@ def test_export_parity_every_fusion_and_head(tmp_path: Path, fusion: str) -> Non
             if a.heads[head].spans is not None:
                 assert [(s.start, s.end, s.label) for s in a.heads[head].spans] == [
                     (s.start, s.end, s.label) for s in b.heads[head].spans]
+
+
+def _heads_and_fusion_stay_fp32(int8: Path, q: dict) -> None:
+    """As the README says: the towers' dense layers are int8, the fusion
+    layer and the heads fp32, in the file itself (the quantizer renames a
+    Gemm it rewrites to <gemm>_MatMul; those must stay fp32 too)."""
+    import onnx
+
+    nodes = onnx.load(str(int8)).graph.node
+    integer = [n.name for n in nodes if n.op_type == "MatMulInteger"]
+    assert integer and len(integer) == q["quantized"] and q["size_ratio"] < 1.0
+    assert all(n.startswith(("/text/", "/image/", "/audio/", "/tabular/")) for n in integer), integer
+    assert all(any(k.startswith(f"/{h}/") for k in q["kept_fp32"]) for h in ("findings", "report_tags", "primary"))
+    assert q["kept_why"] == "fusion layer and heads"
+    fp32_dense = {n.name for n in nodes if n.op_type in ("MatMul", "Gemm")}
+    assert all(k in fp32_dense or f"{k}_MatMul" in fp32_dense for k in q["kept_fp32"])
 
 
 @pytest.fixture(scope="module")

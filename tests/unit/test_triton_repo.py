@@ -32,7 +32,6 @@ from exporters.triton_repo import (  # noqa: E402
     repository_models,
     to_pbtxt,
 )
-from pipeline import sample_data  # noqa: E402
 from pipeline.config import EngineConfig  # noqa: E402
 from pipeline.engines import create_engine  # noqa: E402
 from pipeline.errors import PackageError  # noqa: E402
@@ -40,6 +39,7 @@ from pipeline.package import load_package, sha256_file  # noqa: E402
 from pipeline.predictor import Predictor  # noqa: E402
 from pipeline.preprocess import Preprocessor  # noqa: E402
 from pipeline.records import record_bytes  # noqa: E402
+from pipeline.tooling import sample_data  # noqa: E402
 from tests.integration.triton_server import onnx_package  # noqa: E402
 
 MC = model_config_pb2.ModelConfig

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pytest
 
 from exporters.onnx_export import export_package
-from pipeline.cli import main
 from pipeline.predictor import Predictor
 from pipeline.records import ErrorInfo, HeadResult, LabelScore, Result
-from pipeline.verify import PathRun, PathSpec, compare, format_matrix, report, run_paths
+from pipeline.tooling.cli import main
+from pipeline.tooling.verify import PathRun, PathSpec, compare, format_matrix, report, run_paths
 
 
 def _res(rid: str, label: str, score: float, *, error: str | None = None) -> Result:
@@ -103,7 +103,7 @@ def _same(got: list[Result], want: list[Result]) -> None:
 
 
 def _sample(workload: str = "retail") -> list:
-    from pipeline import sample_data
+    from pipeline.tooling import sample_data
 
     good = [s.record for s in sample_data.generate(workload, 6, seed=5, missing_rate=0.3)]
     broken = [r for r, _ in sample_data.broken_records(workload, 5) if isinstance(r, dict) and "id" in r][:4]
@@ -193,7 +193,7 @@ class _FakeV1(BaseHTTPRequestHandler):
 
 
 def test_serve_v1_sends_batches_and_non_json_alone() -> None:
-    from pipeline.verify import serve_v1_path
+    from pipeline.tooling.verify import serve_v1_path
 
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeV1)
     th = threading.Thread(target=srv.serve_forever, daemon=True)
@@ -210,7 +210,7 @@ def test_serve_v1_sends_batches_and_non_json_alone() -> None:
 
 
 def test_merge_runs_pools_packages_and_id_problems_are_counted() -> None:
-    from pipeline.verify import id_problems, merge_runs
+    from pipeline.tooling.verify import id_problems, merge_runs
 
     a1, a2 = _run("a", "fp32", _res("1", "a", 0.9)), _run("a", "fp32", _res("2", "a", 0.8))
     b1 = _run("b", "fp32", _res("1", "a", 0.9))
@@ -225,7 +225,7 @@ def test_merge_runs_pools_packages_and_id_problems_are_counted() -> None:
 def test_paths_that_build_their_own_engine_pin_the_variant(exported_retail: Path) -> None:
     from pipeline.config import EngineConfig, Settings
     from pipeline.package import load_package
-    from pipeline.verify import _pinned
+    from pipeline.tooling.verify import _pinned
 
     pkg = load_package(exported_retail)
     s, v = _pinned(Settings(), pkg)

@@ -115,6 +115,11 @@ imagePullSecrets:
 - name: AWS_DEFAULT_REGION
   value: {{ . | quote }}
 {{- end }}
+{{- with ($v.privacy).idHashKeySecret }}
+- name: MMPIPE_ID_HASH_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ . }}, key: {{ $v.privacy.idHashKeyKey }}}
+{{- end }}
 {{- with $v.extraEnv }}
 {{ toYaml . }}
 {{- end }}

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.model.config import FusionConfig, ImageTowerConfig, TextTowerConfig, signature
+from pipeline.tooling.model.config import FusionConfig, ImageTowerConfig, TextTowerConfig, signature
 
 
 def _minilm_dir() -> Path:

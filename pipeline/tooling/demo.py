@@ -49,8 +49,8 @@ def cached_package(spec: WorkloadSpec, retrain: bool = False) -> tuple[Path, dic
     cache when the code has not changed since it was built."""
     from exporters.onnx_export import export_package
     from exporters.package import build_package
-    from pipeline import sample_data
-    from pipeline.train import train
+    from pipeline.tooling import sample_data
+    from pipeline.tooling.train import train
 
     target = cache_root() / "models" / f"{spec.name}-{_code_digest()}"
     if (target / "package" / "manifest.json").is_file() and not retrain:
@@ -78,8 +78,8 @@ def prepare_workload(name: str, out: Path, records: int, retrain: bool) -> dict[
     """The package (cached model, copied into ``out``) and the sample input
     (generated records plus records broken on purpose, as JSONL) of one
     workload, with the ground truth for scoring the tags."""
-    from pipeline import sample_data
     from pipeline.records import jsonl_line
+    from pipeline.tooling import sample_data
 
     spec = load_workload(name)
     cached, report = cached_package(spec, retrain)
@@ -103,7 +103,7 @@ def tagged_f1(spec: WorkloadSpec, tags: Path, run_date: str, labels: dict[str, A
     from the Parquet output (what a downstream consumer would see)."""
     from pipeline.batch.output import read_results
     from pipeline.records import Result
-    from pipeline.train import score_results
+    from pipeline.tooling.train import score_results
 
     table = read_results(tags)
     rows = [r for r in table.to_pylist() if r["workload"] == spec.name and r["run_date"] == run_date]

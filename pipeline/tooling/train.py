@@ -272,8 +272,8 @@ def train(
     import torch
     from safetensors.torch import save_file
 
-    from pipeline.model.config import FusionConfig
-    from pipeline.model.fusion import FusionModel, resolve_text_source
+    from pipeline.tooling.model.config import FusionConfig
+    from pipeline.tooling.model.fusion import FusionModel, resolve_text_source
 
     t_start = time.perf_counter()
     torch.manual_seed(seed)

@@ -32,7 +32,7 @@ from typing import Any
 
 from exporters.parity import TOLERANCES, Tolerance
 from pipeline.config import EngineConfig, Settings
-from pipeline.engines import create_engine
+from pipeline.engines import create_engine, resolve_kind
 from pipeline.package import ModelPackage
 from pipeline.predictor import Predictor, _guess_id
 from pipeline.records import ErrorInfo, Result, record_bytes
@@ -298,9 +298,7 @@ def _pinned(settings: Settings, package: ModelPackage) -> tuple[Settings, str]:
     tolerance would then judge.  An explicit variant is kept and judged as
     that variant."""
     eng = settings.engine
-    kind = eng.kind
-    if kind == "auto":
-        kind = "onnxruntime" if "onnx-fp32" in package.manifest.variants else "torch"
+    kind = resolve_kind(package, eng.kind)
     variant = eng.variant if kind == "onnxruntime" and eng.variant != "auto" else "fp32"
     update: dict[str, Any] = {"kind": kind}
     if kind == "onnxruntime":
@@ -498,8 +496,8 @@ def _records(path: str | None, package: ModelPackage, n: int) -> list[Any]:
     if path:
         with open(path, "rb") as f:
             return [line for line in f.read().splitlines() if line.strip()]
-    from pipeline import sample_data
     from pipeline.spec import BUILTIN_WORKLOADS
+    from pipeline.tooling import sample_data
 
     if package.spec.name not in BUILTIN_WORKLOADS:
         raise SystemExit(f"package {package.name} is for workload {package.spec.name!r}, which has no built-in "

@@ -17,8 +17,8 @@ def load_model(model_dir: Path):  # -> FusionModel (torch imported lazily)
     """Rebuild a FusionModel from ``config.json`` + ``model.safetensors``."""
     from safetensors.torch import load_file
 
-    from pipeline.model.config import FusionConfig
-    from pipeline.model.fusion import FusionModel
+    from pipeline.tooling.model.config import FusionConfig
+    from pipeline.tooling.model.fusion import FusionModel
 
     cfg = FusionConfig.model_validate(json.loads((model_dir / "config.json").read_text()))
     model = FusionModel(cfg)

@@ -27,8 +27,8 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 # -- generate -------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pipeline import sample_data
     from pipeline.spec import load_workload
+    from pipeline.tooling import sample_data
 
     name = load_workload(args.workload).name
     out = Path(args.out)
@@ -45,8 +45,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _append_broken(path: Path, workload: str, seed: int) -> int:
     """Append deliberately broken records (one per line) to a records file."""
-    from pipeline import sample_data
     from pipeline.records import jsonl_line
+    from pipeline.tooling import sample_data
 
     broken = sample_data.broken_records(workload, seed)
     with path.open("ab") as fh:
@@ -57,9 +57,9 @@ def _append_broken(path: Path, workload: str, seed: int) -> int:
 
 # -- train --------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline import sample_data
     from pipeline.spec import load_workload
-    from pipeline.train import train
+    from pipeline.tooling import sample_data
+    from pipeline.tooling.train import train
 
     spec = load_workload(args.workload)
     if args.data:
@@ -171,45 +171,42 @@ def _read_lines(stream: IO[bytes], chunk: int) -> Iterator[list[bytes]]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pipeline.config import load_settings
+    from pipeline.config import apply_overrides, load_settings
     from pipeline.predictor import Predictor
 
-    settings = load_settings(args.config)
-    if args.engine:
-        settings.engine.kind = args.engine
-    if args.batch_size:
-        settings.predict.batch_size = args.batch_size
+    settings = apply_overrides(load_settings(args.config), engine=args.engine, batch_size=args.batch_size)
     predictor = Predictor.from_settings(settings, args.package, path="cli")
     if settings.metrics.enabled and settings.metrics.port:
         from prometheus_client import start_http_server
 
         start_http_server(settings.metrics.port)  # scrapeable while a long run goes on
     src = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
-    dst = sys.stdout if args.output == "-" else open(args.output, "w")  # noqa: SIM115
-    counts: dict[str, int] = {"in": 0, "ok": 0}
+    dst = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")  # noqa: SIM115
+    total = ok = 0
+    errors: dict[str, int] = {}
     try:
         for lines in _read_lines(src, predictor.batch_size * 4):
-            for res in predictor.predict(lines):
-                counts["in"] += 1
-                if res.error is None:
-                    counts["ok"] += 1
-                else:
-                    counts[f"error:{res.error.code}"] = counts.get(f"error:{res.error.code}", 0) + 1
-                dst.write(res.model_dump_json(exclude_none=True) + "\n")
+            results = predictor.predict_batch(lines)
+            total += results.size
+            ok += results.ok_count
+            for code in results.error_codes():
+                errors[code] = errors.get(code, 0) + 1
+            dst.write(b"".join(line + b"\n" for line in results.json_lines()))
+            dst.flush()
     finally:
         if src is not sys.stdin.buffer:
             src.close()
-        if dst is not sys.stdout:
+        if dst is not sys.stdout.buffer:
             dst.close()
-    errors = {k[6:]: v for k, v in counts.items() if k.startswith("error:")}
-    print(f"{counts['in']} records in, {counts['ok']} results, {sum(errors.values())} errors"
+        predictor.close()
+    print(f"{total} records in, {ok} results, {sum(errors.values())} errors"
           + (f" {errors}" if errors else ""), file=sys.stderr)
     return 0
 
 
 # -- demo ---------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.tooling.demo import run_demo
 
     return run_demo(Path(args.out), records=args.records, retrain=args.retrain)
 
@@ -387,7 +384,7 @@ sample records, both with label agreement >= 99%.""",
     from deploy.serve.cli import add_parser as add_serve
 
     add_serve(sub)
-    from pipeline.verify import add_parser as add_verify
+    from pipeline.tooling.verify import add_parser as add_verify
 
     add_verify(sub)
     from pipeline.batch.cli import add_parser as add_batch
