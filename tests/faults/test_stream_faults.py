@@ -181,7 +181,9 @@ def test_partition_leader_kill9_on_three_brokers(cluster: KafkaCluster, packages
         reader.wait(lambda m: want_ids <= {x.key.decode() for x in m}, 240)
         alive = proc.proc.poll() is None
         proc.signal(signal.SIGTERM)
-        rc = proc.wait(60)
+        # A graceful stop after a node died may wait out client request
+        # timeouts towards it (leaving the group, closing the producer).
+        rc = proc.wait(150)
         reader.wait(lambda m: False, 2)  # anything still in flight
     finally:
         proc.kill()
