@@ -187,10 +187,29 @@ class StreamConfig(_Strict):
         120_000, gt=0, description="a result not acknowledged within this is resent (never dropped)"
     )
     commit_retry_backoff_ms: int = Field(500, ge=0, description="pause before retrying a failed commit")
+    commit_interval_ms: int = Field(
+        200, ge=0, description="at-least-once: commit acknowledged offsets at most this often (each commit is a "
+        "round trip the consumer waits for; a crash re-delivers at most this much more)",
+    )
     connect_timeout_ms: int = Field(
         30_000, gt=0, description="give up at start when no broker answers (wrong address, TLS or credentials)"
     )
     lag_interval_s: float = Field(2.0, gt=0, description="how often consumer lag per partition is updated")
+    linger_ms: int = Field(
+        5, ge=0, description="producer: wait up to this long to fill a request with results (fewer, larger "
+        "requests; the model does not wait for them)",
+    )
+    producer_batch_bytes: int = Field(
+        256 << 10, gt=0, description="producer: bytes of results per partition in one request",
+    )
+    fetch_max_wait_ms: int = Field(
+        100, ge=0, description="consumer: longest a fetch waits at the broker for fetch_min_bytes",
+    )
+    fetch_min_bytes: int = Field(1, gt=0, description="consumer: a fetch returns once this much is there")
+    max_partition_fetch_bytes: int = Field(
+        1 << 20, gt=0, description="consumer: bytes fetched per partition per request (larger: a backlog drains "
+        "in fewer round trips; every assigned partition may hold this much fetched in memory)",
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None

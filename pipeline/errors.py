@@ -26,6 +26,9 @@ class Reason(StrEnum):
     URI_NOT_ALLOWED = "uri_not_allowed"
     URI_NOT_FOUND = "uri_not_found"
     MODALITY_NOT_SUPPORTED = "modality_not_supported"
+    # A Kafka message with a null value (a tombstone: a compaction delete
+    # marker, not a record).  Its dead letter keeps the null value.
+    TOMBSTONE = "tombstone"
     # text
     TEXT_TOO_LONG = "text_too_long"
     TEXT_INVALID = "text_invalid"

@@ -82,6 +82,11 @@ class Metrics:
             "paused_partitions", "Partitions paused for backpressure.",
             BASE, namespace=NAMESPACE, registry=registry,
         )
+        self.stream_client_info = Gauge(
+            "stream_client_info", "The stream's Kafka client (value is always 1): its version and the CRC32C "
+            "implementation it checks fetched batches with (c, or python: slow).",
+            [*BASE, "client_version", "crc32c"], namespace=NAMESPACE, registry=registry,
+        )
         # Batch (Ray Data) path: what a Pushgateway receives at the end of a run.
         self.job_last_success = Gauge(
             "job_last_success_timestamp_seconds", "Unix time the batch job last finished successfully.",

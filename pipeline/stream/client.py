@@ -67,6 +67,9 @@ def consumer_kwargs(cfg: StreamConfig) -> dict[str, Any]:
         "max_poll_interval_ms": cfg.max_poll_interval_ms,
         "isolation_level": "read_committed" if cfg.exactly_once else "read_uncommitted",
         "bootstrap_timeout_ms": cfg.connect_timeout_ms,
+        "fetch_max_wait_ms": cfg.fetch_max_wait_ms,
+        "fetch_min_bytes": cfg.fetch_min_bytes,
+        "max_partition_fetch_bytes": cfg.max_partition_fetch_bytes,
         **security_kwargs(cfg),
     }
 
@@ -77,7 +80,8 @@ def producer_kwargs(cfg: StreamConfig) -> dict[str, Any]:
         "client_id": client_id(cfg),
         "acks": "all",
         "enable_idempotence": True,  # broker-side retries never duplicate within a session
-        "linger_ms": 2,
+        "linger_ms": cfg.linger_ms,
+        "batch_size": cfg.producer_batch_bytes,
         "delivery_timeout_ms": cfg.delivery_timeout_ms,
         "request_timeout_ms": min(30_000, cfg.delivery_timeout_ms),
         "bootstrap_timeout_ms": cfg.connect_timeout_ms,
@@ -88,6 +92,22 @@ def producer_kwargs(cfg: StreamConfig) -> dict[str, Any]:
         out["transactional_id"] = transactional_id(cfg)
         out["transaction_timeout_ms"] = cfg.transaction_timeout_ms
     return out
+
+
+def crc32c_impl() -> str:
+    """Which CRC32C kafka-python checks every fetched batch (and stamps
+    every produced one) with: ``"c"`` when the ``crc32c`` package is
+    importable, else ``"python"`` (about 9 MB/s: a backlog of large records
+    spends most of its time there)."""
+    from kafka.record import util
+
+    return "python" if getattr(util, "_crc32c", util.crc32c_py) is util.crc32c_py else "c"
+
+
+def kafka_python_version() -> str:
+    import kafka
+
+    return str(getattr(kafka, "__version__", "unknown"))
 
 
 def describe(cfg: StreamConfig) -> dict[str, Any]:

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pipeline.columnar import ColumnarBatch
 from pipeline.errors import Reason
 from pipeline.predictor import Predictor
-from pipeline.preprocess import Prepared
 from pipeline.records import ErrorInfo, Result
 
 TopicPartition = tuple[str, int]
@@ -60,7 +60,7 @@ class OutMessage:
     kind: Literal["result", "dlq"]
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None only for the dead letter of a tombstone
     headers: list[tuple[str, bytes]]
     source: InMessage
     reason: str | None = None
@@ -154,10 +154,30 @@ class MicroBatcher:
         return before - len(self._buf)
 
 
+TOMBSTONE_MESSAGE = "message has a null value (a tombstone), not a record"
+
+
+@dataclass
+class Decoded:
+    """A micro-batch after its decode half: the non-null values as one
+    columnar batch, and where each of them (and each tombstone) sits in the
+    micro-batch."""
+
+    msgs: Sequence[InMessage]
+    columns: ColumnarBatch
+    kept: list[int]  # micro-batch index of each decoded value, in columnar position order
+    tombstones: list[int]  # micro-batch index of each null value
+
+
 class PredictStage:
     """Deserialize + predict: a micro-batch of messages in, one OutMessage per
     message out, in input order.  Rejected records become dead letters that
-    carry the original bytes, the source coordinates and the reason code."""
+    carry the original bytes, the source coordinates and the reason code.
+
+    Two halves, :meth:`decode` (into the columnar batch) and :meth:`finish`
+    (engine, postprocessing and the results' wire form, made once for the
+    batch), so the consumer decodes one batch while the engine runs the
+    previous one; calling the stage runs both."""
 
     def __init__(self, predictor: Predictor, output_topic: str, dlq_topic: str) -> None:
         self.predictor = predictor
@@ -165,54 +185,70 @@ class PredictStage:
         self.dlq_topic = dlq_topic
         pkg = predictor.package
         self._model = [(H_MODEL, pkg.name.encode()), (H_VERSION, pkg.version.encode())]
+        self._topics: dict[str, bytes] = {}
 
     def __call__(self, batch: Sequence[InMessage]) -> list[OutMessage]:
-        pred = self.predictor
-        t0 = time.perf_counter()
-        slots: list[OutMessage | None] = []
-        ok: list[tuple[int, InMessage, Prepared]] = []
-        for m in batch:
+        return self.finish(self.decode(batch))
+
+    def decode(self, batch: Sequence[InMessage]) -> Decoded:
+        """Validate and decode every message (the CPU-heavy half)."""
+        kept: list[int] = []
+        tombstones: list[int] = []
+        values: list[bytes] = []
+        for i, m in enumerate(batch):
             if m.value is None:
-                item: Prepared | Result = pred.error_result(None, Reason.BAD_RECORD, "message has no value")
+                tombstones.append(i)
             else:
-                item = pred.prepare(m.value)
-            if isinstance(item, Result):
-                slots.append(self.dead_letter(m, item))
-            else:
-                ok.append((len(slots), m, item))
-                slots.append(None)
-        pred.metrics.stage_seconds.labels(**self.labels, stage="preprocess").observe(time.perf_counter() - t0)
-        results = pred.infer([p for _, _, p in ok]) if ok else []
-        for (idx, m, _), res in zip(ok, results, strict=True):
-            slots[idx] = self.result(m, res) if res.error is None else self.dead_letter(m, res)
-        return [s for s in slots if s is not None]
+                kept.append(i)
+                values.append(m.value)
+        for _ in tombstones:  # counted and logged like every rejected record
+            self.predictor.error_result(None, Reason.TOMBSTONE, TOMBSTONE_MESSAGE)
+        return Decoded(batch, self.predictor.decode(values), kept, tombstones)
+
+    def finish(self, decoded: Decoded) -> list[OutMessage]:
+        """Run the engine on the decoded records; results in their wire form
+        (one JSON document each, encoded once for the whole batch), records
+        rejected on the way (or by the engine) as dead letters."""
+        msgs, kept = decoded.msgs, decoded.kept
+        slots: list[OutMessage | None] = [None] * len(msgs)
+        for i in decoded.tombstones:
+            slots[i] = self.dead_letter(msgs[i], Reason.TOMBSTONE.value, TOMBSTONE_MESSAGE)
+        if kept:
+            results = self.predictor.infer_batch(decoded.columns)
+            lines = results.json_lines()
+            rej = results.rejected
+            for pos, code, message in zip(rej.positions.tolist(), rej.codes, rej.messages, strict=True):
+                slots[kept[pos]] = self.dead_letter(msgs[kept[pos]], code, message)
+            for pos, rid in zip(results.positions.tolist(), results.ids, strict=True):
+                m = msgs[kept[pos]]
+                slots[kept[pos]] = OutMessage("result", self.output_topic, rid.encode(), lines[pos],
+                                              self._model + self._source(m), m)
+        if any(s is None for s in slots):  # a bug upstream, never a silently dropped message
+            raise RuntimeError("a message got neither a result nor a dead letter")
+        return slots  # type: ignore[return-value]
 
     @property
     def labels(self) -> dict[str, str]:
         return {"path": self.predictor.path, "workload": self.predictor.spec.name, "model": self.predictor.package.name}
 
     def _source(self, m: InMessage) -> list[tuple[str, bytes]]:
-        return [(H_TOPIC, m.topic.encode()), (H_PARTITION, str(m.partition).encode()),
-                (H_OFFSET, str(m.offset).encode())]
+        topic = self._topics.get(m.topic)
+        if topic is None:
+            topic = self._topics[m.topic] = m.topic.encode()
+        return [(H_TOPIC, topic), (H_PARTITION, str(m.partition).encode()), (H_OFFSET, str(m.offset).encode())]
 
-    def result(self, m: InMessage, res: Result) -> OutMessage:
-        return OutMessage(
-            "result", self.output_topic, res.id.encode(), res.model_dump_json(exclude_none=True).encode(),
-            self._model + self._source(m), m,
-        )
-
-    def dead_letter(self, m: InMessage, res: Result) -> OutMessage:
-        assert res.error is not None
+    def dead_letter(self, m: InMessage, code: str, message: str) -> OutMessage:
+        """The input's key and value as they came (a tombstone stays null),
+        the reason in the headers."""
         # The error message describes sizes and formats only, never content.
-        headers = [(H_REASON, res.error.code.encode()), (H_ERROR, res.error.message.encode()),
-                   *self._model, *self._source(m)]
-        return OutMessage("dlq", self.dlq_topic, m.key, m.value or b"", headers, m, reason=res.error.code)
+        headers = [(H_REASON, code.encode()), (H_ERROR, message.encode()), *self._model, *self._source(m)]
+        return OutMessage("dlq", self.dlq_topic, m.key, m.value, headers, m, reason=code)
 
 
 def result_of_message(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None, *,
                       dead_letter: bool) -> Result:
     """The :class:`Result` an output or dead-letter message stands for: the
-    inverse of :meth:`PredictStage.result` and :meth:`PredictStage.dead_letter`,
+    inverse of :meth:`PredictStage.finish` and :meth:`PredictStage.dead_letter`,
     so a reader of those topics (``mmpipe verify``, a test) gets what every
     other path returns.  A dead letter's record id is its key (the input's
     key: producers key records by id); its reason code and message come from

@@ -4,6 +4,11 @@
    at-least-once mode (duplicates allowed) and exactly-once mode (no
    duplicate among committed results);
 2. the broker killed and restarted while records are produced and consumed;
+3. on a three-broker cluster (KRaft, replication factor 3,
+   ``min.insync.replicas=2``): the leader of the input partitions, and
+   separately the leader of the output partition, killed with SIGKILL
+   mid-stream, in at-least-once and exactly-once modes: no loss, and no
+   duplicate for a read_committed reader in exactly-once;
 7. a slow engine under a flood: backpressure pauses the partitions, the
    records buffered and in flight stay within ``stream.max_in_flight`` plus
    one fetch, memory stays flat, and every record gets its result.
@@ -39,12 +44,14 @@ from tests.faults.common import (
     settled_rss_mb,
 )
 from tests.faults.outcome import FaultOutcome, account
+from tests.integration.kafka_broker import KafkaCluster
 from tests.integration.stream_helpers import (
     Reader,
     Sender,
     StreamProc,
     run_inprocess,
     settings_for,
+    start_cluster,
     topics,
 )
 
@@ -114,6 +121,85 @@ def test_consumer_kill9_and_restart(broker, packages, tmp_path, report: Report, 
             "read_committed: duplicates must be 0" if exactly_once else "re-delivery since the last commit"),
         details={"mode": mode, "delivered_before_kill": delivered_before_kill, "restart_exit_code": rc}))
     assert rc == 0
+    assert_outcome(o)
+    if exactly_once:
+        assert o.duplicates == 0, "exactly-once: one committed output per record"
+
+
+# -- 3. a partition leader killed on a three-broker cluster ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):  # -> Iterator[KafkaCluster]
+    c = start_cluster(tmp_path_factory.mktemp("kafka-cluster"))
+    yield c
+    c.close()
+
+
+IN_REPLICAS, OUT_REPLICAS = [2, 3, 1], [3, 1, 2]  # input led by node 2, output and DLQ by node 3
+
+
+def wait_new_leader(cluster: KafkaCluster, topic: str, dead: int, timeout: float = 60.0) -> dict[int, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        leaders = cluster.leaders(topic)
+        if all(v not in (dead, -1) for v in leaders.values()) or time.monotonic() > deadline:
+            return leaders
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
+@pytest.mark.parametrize("victim", ["input", "output"])
+def test_partition_leader_kill9_on_three_brokers(cluster: KafkaCluster, packages, tmp_path, report: Report,
+                                                 victim: str, exactly_once: bool) -> None:
+    cluster.ensure_running()  # a previous case killed a node
+    tag = f"{victim[:2]}{int(exactly_once)}-{time.monotonic_ns() % 10**8}"
+    names = (f"in-{tag}", f"out-{tag}", f"dlq-{tag}")
+    cluster.create_topics([names[0]], 2, replicas=IN_REPLICAS)
+    cluster.create_topics(list(names[1:]), 1, replicas=OUT_REPLICAS)
+    victim_node, topic = (IN_REPLICAS[0], names[0]) if victim == "input" else (OUT_REPLICAS[0], names[1])
+    assert set(cluster.leaders(topic).values()) == {victim_node}
+    records = keyed_records("retail", 240, prefix=f"lk-{tag}", seed=13)
+    want = expected_results(packages["retail"], records)
+    extra = {"exactly_once": True, "transactional_id": f"tx-{names[0]}", "transaction_timeout_ms": 20000} \
+        if exactly_once else {}
+    cfg = settings_for(cluster, packages["retail"], names, **extra)
+    sender = Sender(cluster.bootstrap, names[0], [(rid, v) for rid, v, _ in records], delay_s=0.01)
+    reader = Reader(cluster.bootstrap, names[1], names[2], read_committed=exactly_once)
+    proc = StreamProc(cfg, tmp_path, f"leader-{victim}")
+    try:
+        proc.wait_event("partitions_assigned", 120)
+        sender.start()
+        reader.wait(lambda m: len(m) >= 40, 120)
+        before = len(reader.messages)
+        assert before >= 40, proc.diagnose()
+        t0 = time.monotonic()
+        cluster.kill(victim_node)  # kill -9 the partition leader mid-stream
+        leaders = wait_new_leader(cluster, topic, victim_node)
+        failover_s = time.monotonic() - t0
+        sender.join(240)
+        assert sender.error is None and not sender.failed, sender.error
+        want_ids = {rid for rid, _, _ in records}
+        reader.wait(lambda m: want_ids <= {x.key.decode() for x in m}, 240)
+        alive = proc.proc.poll() is None
+        proc.signal(signal.SIGTERM)
+        # A graceful stop after a node died may wait out client request
+        # timeouts towards it (leaving the group, closing the producer).
+        rc = proc.wait(150)
+        reader.wait(lambda m: False, 2)  # anything still in flight
+    finally:
+        proc.kill()
+        reader.close()
+    mode = "exactly-once" if exactly_once else "at-least-once"
+    retries = sum(len(proc.events(e)) for e in ("produce_retry", "commit_failed", "poll_retry", "transaction_aborted"))
+    o = report(stream_outcome(
+        f"{victim} partition leader kill -9, 3 brokers ({mode})", records, reader, names, want, retries=retries,
+        notes=f"node {victim_node} killed after {before} outputs; new leader in {failover_s:.1f} s"
+              + ("; read_committed: duplicates must be 0" if exactly_once else ""),
+        details={"mode": mode, "victim": victim, "killed_node": victim_node, "new_leaders": leaders,
+                 "failover_s": round(failover_s, 1), "outputs_before_kill": before,
+                 "consumer_alive": alive, "exit_code": rc, "input_acked": len(sender.acked)}))
+    assert all(v not in (victim_node, -1) for v in leaders.values()), f"no new leader: {leaders}"
+    assert alive and rc == 0, proc.diagnose()
+    assert len(sender.acked) == len(records)
     assert_outcome(o)
     if exactly_once:
         assert o.duplicates == 0, "exactly-once: one committed output per record"

@@ -33,7 +33,7 @@ from pipeline.predictor import Predictor
 from pipeline.records import json_safe
 from pipeline.stream.consumer import StreamConsumer
 from pipeline.tooling import sample_data
-from tests.integration.kafka_broker import KafkaBroker, KafkaUnavailable
+from tests.integration.kafka_broker import KafkaBroker, KafkaCluster, KafkaUnavailable
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,6 +46,16 @@ def start_broker(root: Path) -> KafkaBroker:
     except KafkaUnavailable as exc:
         pytest.fail(f"the Apache Kafka broker could not be started: {exc}")
     return broker
+
+
+def start_cluster(root: Path) -> KafkaCluster:
+    """A started three-node cluster in ``root``, or the test fails saying why."""
+    try:
+        cluster = KafkaCluster(root)
+        cluster.start()
+    except KafkaUnavailable as exc:
+        pytest.fail(f"the Apache Kafka cluster could not be started: {exc}")
+    return cluster
 
 
 def good_records(workload: str, n: int, seed: int, prefix: str) -> list[dict]:
@@ -132,11 +142,11 @@ def ids_of(msgs: list[Any]) -> list[str]:
     return [m.key.decode() for m in msgs]
 
 
-def settings_for(broker: KafkaBroker, package: Path, names: tuple[str, str, str], **stream: Any) -> dict:
+def settings_for(broker: KafkaBroker | KafkaCluster, package: Path, names: tuple[str, str, str], **stream: Any) -> dict:
     return {
         "model_package": str(package),
         "engine": {"kind": "onnxruntime", "threads": 1},
-        "stream": {"bootstrap_servers": [broker.bootstrap], "group_id": f"g-{names[0]}",
+        "stream": {"bootstrap_servers": broker.bootstrap.split(","), "group_id": f"g-{names[0]}",
                    "input_topics": [names[0]], "output_topic": names[1], "dlq_topic": names[2],
                    "max_batch_records": 8, "max_wait_ms": 20, "session_timeout_ms": 6000, **stream},
     }

@@ -22,6 +22,7 @@ pytest.importorskip("kafka")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")  # the ONNX export of the tiny packages
 
+from kafka import KafkaProducer
 from prometheus_client import CollectorRegistry
 
 from pipeline.config import EngineConfig
@@ -106,6 +107,8 @@ def test_happy_path_all_workloads_match_the_predictor(broker, packages, predicto
         assert metric(registry, "mmpipe_batch_size_count", **lab) >= 2  # micro-batches of at most 8
         assert metric(registry, "mmpipe_rebalances_total", kind="assigned", **lab) >= 1
         assert consumer.counts["results"] == len(recs)
+        # kafka-python checks every fetched batch with the C CRC32C, and says so.
+        assert metric(registry, "mmpipe_stream_client_info", crc32c="c", **lab) == 1
         # The lag gauge exists per partition and reads 0 once everything is done.
         lags = [s for f in registry.collect() for s in f.samples if s.name == "mmpipe_consumer_lag"]
         assert {s.labels["partition"] for s in lags} == {"0", "1"} and all(s.value == 0 for s in lags)
@@ -143,6 +146,37 @@ def test_poison_records_go_to_the_dlq_and_the_rest_is_processed(broker, packages
         assert h["mmpipe-error"]
     for reason in set(reasons.values()):
         assert metric(registry, "mmpipe_dlq_records_total", reason=reason) == list(reasons.values()).count(reason)
+
+
+def test_a_tombstone_goes_to_the_dlq_with_a_null_value(broker, packages, tmp_path) -> None:
+    """A null value (a compaction delete marker) is no record: its dead letter
+    keeps the null value (not an empty one) and says ``tombstone``."""
+    names = topics(broker, partitions=1)
+    good = good_records("retail", 3, seed=16, prefix="ts")
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    p.send(names[0], key=b"gone-1", value=None)
+    for r in good:
+        p.send(names[0], key=r["id"].encode(), value=json.dumps(r).encode())
+    p.send(names[0], key=b"gone-2", value=None)
+    p.flush()
+    p.close()
+    consumer, registry = run_inprocess(settings_for(broker, packages["retail"], names), tmp_path, expect=5)
+    reader = Reader(broker.bootstrap, names[1], names[2])
+    reader.wait(lambda m: len(m) >= 5, 30)
+    reader.close()
+    assert sorted(ids_of(reader.of(names[1]))) == sorted(r["id"] for r in good)
+    dlq = reader.of(names[2])
+    assert sorted(ids_of(dlq)) == ["gone-1", "gone-2"]
+    for m in dlq:
+        assert m.value is None, "a tombstone's dead letter must keep the null value"
+        assert dict(m.headers)["mmpipe-reason"] == b"tombstone"
+    assert consumer.counts["dlq:tombstone"] == 2
+    assert metric(registry, "mmpipe_dlq_records_total", reason="tombstone") == 2
+    kcat = kcat_binary()
+    if kcat is not None:  # an independent client sees a null (-1), not an empty (0) value
+        res = subprocess.run([kcat, "-b", broker.bootstrap, "-C", "-t", names[2], "-o", "beginning", "-e", "-q",
+                              "-f", "%k %S\n"], capture_output=True, check=True, timeout=60)
+        assert sorted(res.stdout.decode().split("\n")[:-1]) == ["gone-1 -1", "gone-2 -1"]
 
 
 def test_backpressure_pauses_and_resumes_without_losing_records(broker, packages, tmp_path, caplog) -> None:

@@ -91,7 +91,8 @@ def test_every_message_gives_one_output_and_bad_ones_keep_their_bytes(
     for o, m in zip(outs, batch, strict=True):
         if o.kind == "dlq":
             assert o.topic == "dlq" and o.reason in REASONS
-            assert o.value == (m.value or b"") and o.key == m.key
+            assert o.value == m.value and o.key == m.key  # a tombstone stays null
+            assert (o.reason == Reason.TOMBSTONE) == (m.value is None)
             headers = dict(o.headers)
             assert headers["mmpipe-reason"].decode() in REASONS
         else:
