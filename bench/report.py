@@ -59,111 +59,100 @@ def gpu_section(data: dict | None) -> str:
 
 
 def serving_section(data: dict) -> str:
-    """Online serving (bench/serving.py): every cell, the in-process reference
-    and the ratios the run was made for."""
-    cfg, m, r = data["config"], data["machine"], data["ratios"]
+    """Online serving (bench/serving.py): every cell of every model's run,
+    the in-process reference and the ratios the run was made for."""
+    runs = data.get("runs", [data])
+    return "\n".join(_serving_run(r) for r in runs)
 
-    def num(v: float | None, fmt: str = ".1f") -> str:
-        return "-" if v is None else format(v, fmt)
 
+def _fmt(v: float | None, fmt: str = ".1f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _serving_run(data: dict) -> str:
+    cfg, m = data["config"], data["machine"]
     lines = [
-        "## Online serving: Ray Serve vs Triton, dynamic batching vs none",
+        f"## Online serving: Ray Serve vs Triton ({cfg['model']})",
         "",
-        f"`python bench/serving.py` on {m['cpus']} CPU cores ({m['processor']}); model {cfg['model']}; "
+        f"`python bench/serving.py` on {m['cpus']} CPU cores ({m['processor']}); "
         f"{cfg['records']} sample records, one per request, cycled; {cfg['warmup_s']:g} s warm-up and "
         f"{cfg['duration_s']:g} s measured per cell; dynamic batching: max batch {cfg['max_batch_size']}, "
         f"wait {cfg['batch_wait_ms']:g} ms; unbatched: max batch 1.  CPU budget: {cfg['budget']}.  "
         "`cores` columns: CPU used during the cell by the load generator, the server under test (its whole "
-        "process tree) and everything else on the machine (other users, the idle peer server).",
+        "process tree) and everything else on the machine.",
         "",
-        "| server | API | batching | clients | records/s | p50 ms | p99 ms | mean batch run | cores: client "
-        "| cores: server | cores: others | server CPU ms / request | errors |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | protocol | API | batching | clients | records/s | p50 ms | p99 ms | mean batch run | "
+        "cores: client | cores: server | cores: others | server CPU ms / request | errors |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in data["cells"]:
         api = "echo, no model" if c["api"] == "echo" else "/" + c["api"]
+        proto = "grpc" if "/grpc/" in c.get("target", "") else "http"
         lines.append(
-            f"| {c['server']} | {api} | {'yes' if c['batching'] else 'no'} | {c['clients']} | "
-            f"{c['records_per_s']:.0f} | {num(c['p50_ms'], '.2f')} | {num(c['p99_ms'], '.2f')} | "
-            f"{num(c['mean_batch'])} | {c['cores']['client']:.2f} | {c['cores']['server']:.2f} | "
-            f"{c['cores']['others']:.2f} | {num(c['server_cpu_ms_per_request'], '.2f')} | {c['errors']} |"
+            f"| {c['server']} | {proto} | {api} | {'yes' if c['batching'] else 'no'} | {c['clients']} | "
+            f"{c['records_per_s']:.0f} | {_fmt(c['p50_ms'], '.2f')} | {_fmt(c['p99_ms'], '.2f')} | "
+            f"{_fmt(c['mean_batch'])} | {c['cores']['client']:.2f} | {c['cores']['server']:.2f} | "
+            f"{c['cores']['others']:.2f} | {_fmt(c.get('server_cpu_ms_per_request'), '.2f')} | {c['errors']} |"
         )
     lines += ["", "In-process reference (same session settings, this process, no server):", "",
               "| call | batch | records/s | p50 ms per call | p99 ms per call |", "|---|---:|---:|---:|---:|"]
-    for x in data["inprocess"]:
+    for x in data.get("inprocess", []):
         what = "engine (tensors)" if x["what"] == "engine" else "Predictor (raw records)"
         lines.append(f"| {what} | {x['batch']} | {x['records_per_s']:.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} |")
-    lines += ["", "Ratios from this run:", ""]
-    for srv, by in r["batching_speedup"].items():
-        lines.append(f"- batched / unbatched throughput, {srv}: "
-                     + ", ".join(f"{k} clients {v:.2f}x" for k, v in by.items()))
-    for mode, by in r["ray_over_triton"].items():
-        lines.append(f"- Ray Serve / Triton throughput, {mode}: "
-                     + ", ".join(f"{k} clients {v['throughput']:.2f}" for k, v in by.items()))
-    for k, v in r.get("ray_vs_echo", {}).items():
-        lines.append(f"- Ray Serve /v2 unbatched vs the same Serve path with no model (echo), {k} clients: "
-                     f"{v['throughput']:.2f}x the throughput; server CPU {v['server_cpu_ms_per_request']:.1f} vs "
-                     f"{v['echo_server_cpu_ms_per_request']:.1f} ms per request")
-    for k, v in r["ray_over_inprocess"].items():
-        lines.append(f"- Ray Serve vs in-process, {k.replace('_', ' ')}: {v:.3g}")
-    b4, w = r["aims"]["batching_4x_at_top_clients"], r["aims"]["ray_within_20pct_of_triton"]
-    lines.append(f"- aim, batching >= 4x at {b4['clients']} clients: " + ", ".join(
-        f"{s} {v:.2f}x ({'met' if b4['met'][s] else 'missed'})" for s, v in b4["speedup"].items() if v is not None))
-    if w["throughput_ratio"] is not None:
-        lines.append(f"- aim, Ray Serve within 20% of Triton at {w['clients']} clients: "
-                     f"{w['throughput_ratio']:.2f} ({'met' if w['met'] else 'missed'})")
+    speedups = data.get("ratios", {}).get("batching_speedup", {})
+    if speedups:
+        lines += ["", "Batched / unbatched throughput in this run:", ""]
+        for srv, by in speedups.items():
+            lines.append(f"- {srv}: " + ", ".join(f"{k} clients {_fmt(v, '.2f')}x" for k, v in by.items()))
     lines += ["", "![serving](results/serving.png)", ""]
     return "\n".join(lines)
 
 
 def batch_section(data: dict) -> str:
-    m, mem = data["machine"], data["memory"]
+    m = data["machine"]
     lines = [
         "## Batch job (Ray Data) vs a plain Predictor loop",
         "",
-        f"`python bench/batch.py` on {m['cpus']} CPU cores; {data['workload']} model, ONNX Runtime fp32, batch "
-        f"{data['batch']}; the same JSONL records through `Predictor.predict` in a loop and through `mmpipe batch` "
-        "(decode tasks + inference actors, own local Ray).  End to end includes starting Ray; steady is the "
-        "pipeline stage alone.",
+        f"`python bench/batch.py` on {m.get('cpus', '?')} CPU cores; {data['workload']} workload, ONNX Runtime fp32, "
+        f"batch {data['batch']}; the same JSONL records through a plain `Predictor` loop and through `mmpipe batch` "
+        "(decode tasks, inference actors writing their own files, one Delta Lake commit; its own local Ray).  "
+        "End to end includes starting Ray; steady is the pipeline stage alone.",
         "",
-        "| run | records | records/s end to end | x loop | records/s steady | x loop (steady) | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | run | records | records/s end to end | x loop | records/s steady | x loop (steady) | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["rows"]:
         steady = f"{r['steady_records_per_s']:.0f} | {r['x_loop_steady']:.2f}" if "steady_records_per_s" in r \
             else "— | —"
         rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "—"
-        lines.append(f"| {r['run']} | {r['records']} | {r['records_per_s']:.0f} | {r['x_loop']:.2f} | {steady} | "
-                     f"{rss} |")
-    lines += ["", f"Memory as the input grows: peak summed RSS of the job's processes {mem['peak_rss_mb_1x']:.0f} MB "
-              f"at {mem['records_1x']} records, {mem['peak_rss_mb_10x']:.0f} MB at {mem['records_10x']} records "
-              f"(**{mem['ratio']:.2f}x** for 10x the input).", "", "![batch](results/batch.png)", ""]
-    return "\n".join(lines)
+        lines.append(f"| {r.get('model', '')} | {r['run']} | {r['records']} | {r['records_per_s']:.0f} | "
+                     f"{r['x_loop']:.2f} | {steady} | {rss} |")
+    return "\n".join([*lines, "", "![batch](results/batch.png)", ""])
 
 
 def stream_section(data: dict) -> str:
-    t, lat, m = data["throughput"], data["latency"], data["machine"]
-    return "\n".join([
+    m = data["machine"]
+    lines = [
         "## Stream (Kafka) vs the bare Predictor",
         "",
-        f"`python bench/stream.py` on {m['cpus']} CPU cores against a real Apache Kafka broker on the same "
-        f"machine; {data['workload']} model, ONNX Runtime fp32, batch {data['batch']}, {data['records']} records. "
-        "Throughput: a backlog drained by `StreamConsumer` (consume, decode, infer, produce, commit) vs "
-        "`Predictor.predict` on the same bytes, interleaved rounds, medians.",
+        f"`python bench/stream.py` on {m.get('cpus', '?')} CPU cores against a real Apache Kafka broker on the same "
+        f"machine; {data['workload']} workload, ONNX Runtime fp32, batch {data['batch']}; kafka-python "
+        f"{data.get('kafka_python', '?')} with the {data.get('crc32c', '?')} CRC32C.  Throughput: a backlog drained "
+        "by `mmpipe stream` vs `Predictor.predict_batch` + `json_lines` on the same bytes; latency at half the "
+        "measured throughput, from the broker's append time.  " + (data.get("note") or ""),
         "",
-        "| path | records/s | x bare |",
-        "|---|---:|---:|",
-        f"| bare Predictor | {t['bare_records_per_s']:.0f} | 1.00 |",
-        f"| stream (at-least-once) | {t['stream_records_per_s']:.0f} | {t['ratio']:.2f} |",
-        "",
-        f"- aim, stream >= {t['aim']}x bare: {t['ratio']:.2f}x ({'met' if t['met'] else 'missed'})",
-        f"- end-to-end latency at a steady {lat['rate_per_s']:.0f} records/s ({lat['records']} records, first "
-        f"second left out): p50 {lat['p50_ms']:.0f} ms, p90 {lat['p90_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms, "
-        f"max {lat['max_ms']:.0f} ms",
-        "",
-        "![stream](results/stream.png)",
-        "",
-    ])
+        "| model | mode | records/s | x bare | CPU ms / record | x bare (CPU) | p50 ms | p99 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for model, d in data.get("models", {}).items():
+        lines.append(f"| {model} | bare Predictor | {d['bare_records_per_s']:.0f} | 1.00 | "
+                     f"{d['bare_cpu_ms_per_record']:.2f} | 1.00 | | |")
+        for mode, r in d.get("modes", {}).items():
+            lat = r.get("latency") or {}
+            lines.append(f"| {model} | {mode} | {r['records_per_s']:.0f} | {r['ratio']:.2f} | "
+                         f"{r['cpu_ms_per_record']:.2f} | {r['cpu_ratio']:.2f} | {_fmt(lat.get('p50_ms'), '.0f')} | "
+                         f"{_fmt(lat.get('p99_ms'), '.0f')} |")
+    return "\n".join([*lines, "", "![stream](results/stream.png)", ""])
 
 
 def parity_section(data: dict) -> str:
