@@ -271,8 +271,7 @@ def test_parity_catches_padding_that_reaches_results(tutorial: dict[str, Any], m
     attention mask fails parity: its scores move with the batch."""
     assert _package(tutorial, "CNNClassifier", "cnn").manifest.parity["variants"]["fp32"]["passed"]  # type: ignore[index]
     capsys.readouterr()
-    monkeypatch.setattr(Preprocessor, "_text_length",
-                        lambda self, batch: max(len(p.features["input_ids"]) for p in batch))
+    monkeypatch.setattr(Preprocessor, "fixed_length", property(lambda self: None))  # pad to the longest
     with pytest.raises(ExportError, match=r"category: a record's scores depend on its batch \(batch 1 vs 16: "
                                           r"max \|dlogit\| .* > 0\.001"):
         _package(tutorial, "CNNClassifier", "cnn-longest")
