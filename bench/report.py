@@ -234,6 +234,8 @@ def aims_section() -> str:
 
 
 def _num(v: object) -> str:
+    if v is None:
+        return "not measured"
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
