@@ -29,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import model_axes  # noqa: E402
 from exporters import parity  # noqa: E402
 from exporters.onnx_export import export_package  # noqa: E402
 from exporters.package import build_package  # noqa: E402
@@ -153,15 +154,8 @@ def engine_aims(rows: list[dict]) -> list[dict]:
 
 
 def chart(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
-    for ax, m in zip(axes[0], models, strict=True):
-        sub = [r for r in rows if r["model"] == m]
+    fig, panels = model_axes(rows)
+    for ax, m, sub in panels:
         batches = sorted({r["batch"] for r in sub})
         engines = list(dict.fromkeys(r["engine"] for r in sub))
         width = 0.8 / len(engines)

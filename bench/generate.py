@@ -41,6 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_flags  # noqa: E402
 from exporters.generative import export_generative  # noqa: E402
 from exporters.package import build_package  # noqa: E402
 from pipeline.config import EngineConfig  # noqa: E402
@@ -70,13 +71,6 @@ def build(work: Path, n_embd: int, n_layer: int, max_new: int) -> ModelPackage:
     return pkg
 
 
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")) or f in ("vnni", "avx512_vnni"))
 
 
 def run_once(backend, feeds: dict, prompts: list[list[int]], n_prefix: int, new: int, use_cache: bool

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
+from bench.machine import cpu_flags, model_axes  # noqa: E402
 from bench.models import MODELS  # noqa: E402
 from pipeline.config import EngineConfig  # noqa: E402
 from pipeline.engines import create_engine  # noqa: E402
@@ -51,13 +52,6 @@ AIMS = {"small": 0.5, "production": 0.9}
 """Predictor records/s over engine records/s at batch 64."""
 
 
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    return sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
 
 
 def wire_records(workload: str, n: int) -> list[bytes]:
@@ -143,15 +137,8 @@ def bench_model(kind: str, batches: list[int], n: int, rounds: int) -> list[dict
 
 
 def chart(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
-    for ax, m in zip(axes[0], models, strict=True):
-        sub = [r for r in rows if r["model"] == m]
+    fig, panels = model_axes(rows)
+    for ax, m, sub in panels:
         x = np.arange(len(sub))
         ax.bar(x - 0.2, [r["engine_rps"] for r in sub], 0.4, label="engine (ready tensors)")
         ax.bar(x + 0.2, [r["predictor_rps"] for r in sub], 0.4, label="Predictor (raw records)")

@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 from kafka import KafkaProducer  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
+from bench.machine import cpu_flags  # noqa: E402
 from pipeline.config import EngineConfig, Settings  # noqa: E402
 from pipeline.engines import create_engine  # noqa: E402
 from pipeline.metrics import get_metrics  # noqa: E402
@@ -75,13 +76,6 @@ def use_python_crc32c() -> None:
     default_records.calc_crc32c = lambda memview: util.crc32c_py(memview)
 
 
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    return sorted(f for f in flags if f in {"avx", "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile"})
 
 
 def model_package(name: str, override: Path | None) -> Path:
