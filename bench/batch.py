@@ -193,6 +193,7 @@ def main() -> int:
     ap.add_argument("--production-sizes", default="2000")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
+    load_at_start = list(os.getloadavg())
     work = Path(tempfile.mkdtemp(prefix="mmpipe-bench-batch-"))
     s3, why = _s3()
     rows: list[dict] = []
@@ -210,7 +211,7 @@ def main() -> int:
             s3.stop()  # type: ignore[attr-defined]
         shutil.rmtree(work, ignore_errors=True)
     data = {"machine": {"cpus": os.cpu_count(), "processor": platform.machine(),
-                        "note": "shared machine: other engineers' jobs ran at the same time"},
+                        "load_average_at_start": load_at_start, "load_average_at_end": list(os.getloadavg())},
             "workload": args.workload, "batch": args.batch, "sizes": sizes, "s3": "versitygw" if s3 else why,
             "rows": rows, "aims": aims(rows)}
     OUT.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,27 @@ def tiny_packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="session")
+def generative_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A medical package with a generative head, exported with its KV-cache
+    graphs (``generate-fp32``), trained briefly: what the paths must prove is
+    that they give the same tokens as in-process generation, not quality
+    (``tests/e2e/test_generate.py`` holds the trained quality)."""
+    from exporters.onnx_export import export_package
+    from exporters.package import build_package
+    from pipeline.spec import load_workload
+    from pipeline.tooling import sample_data
+    from pipeline.tooling.train import train
+
+    root = tmp_path_factory.mktemp("generative")
+    spec = load_workload("medical")
+    train(spec, sample_data.generate("medical", 240, seed=5), root / "trained", epochs=6, generative=True,
+          progress=False)
+    build_package(root / "trained", root / "pkg")
+    pkg, _ = export_package(root / "pkg", ("fp32",))
+    return pkg.root
+
+
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory):  # -> Iterator[KafkaBroker]
     """A real Apache Kafka broker (KRaft) for the module that asks for one;
