@@ -230,6 +230,8 @@ class GenerateConfig(_Strict):
     ``max_new_tokens`` is refused for the whole call.  Each is also capped
     by what the model was trained for (its position budget)."""
 
+    enabled: bool = Field(False, description="batch job and stream: also write each record's generated text "
+                          "(the package must carry an exported generative head; refused at start otherwise)")
     max_prompt_tokens: int = Field(256, gt=0, description="prompt tokens a record may bring")
     max_new_tokens: int = Field(64, gt=0, description="the most new tokens a call may ask for")
     default_new_tokens: int | None = Field(None, gt=0, description="when a call names none (default: the "

@@ -91,6 +91,13 @@ class TokenEvent:
     error: ErrorInfo | None = None
     prompt_tokens: int = 0
 
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form every path sends (Serve's server-sent events, the
+        stream's results): index, id, text delta, token id, finish reason, error."""
+        return {"index": self.index, "id": self.id, "text": self.text, "token_id": self.token_id,
+                "finish_reason": self.finish_reason,
+                "error": None if self.error is None else self.error.model_dump()}
+
 
 @dataclass(frozen=True)
 class Sampling:

@@ -546,6 +546,58 @@ TOKEN_OFFSETS = "TOKEN_OFFSETS"
 ENSEMBLE_SUFFIX = "_ensemble"
 """``NAME_ensemble`` takes raw records (Triton's ensemble, and its twin on Serve)."""
 
+# -- generation (NAME_generate on Triton and on Serve): one contract for both servers --------------------------
+GENERATE_SUFFIX = "_generate"
+"""``NAME_generate`` takes raw records and streams tokens (a decoupled model:
+many responses per request, over gRPC's ``ModelStreamInfer``)."""
+MAX_NEW_TOKENS = "MAX_NEW_TOKENS"
+"""Optional ``INT32 [1]`` input: the most new tokens per record (default: the head's answer length)."""
+GENERATE_INPUTS: tuple[tuple[str, str, tuple[int, ...], bool], ...] = (
+    (RECORD, "BYTES", (-1,), False),
+    (MAX_NEW_TOKENS, "INT32", (1,), True),
+)
+"""(name, datatype, shape, optional) of ``NAME_generate``'s inputs."""
+GENERATE_OUTPUTS: tuple[tuple[str, str], ...] = (
+    ("INDEX", "INT32"), ("ID", "BYTES"), ("TEXT", "BYTES"), ("TOKEN_ID", "INT64"),
+    ("FINISH_REASON", "BYTES"), ("ERROR_CODE", "BYTES"), ("ERROR_MESSAGE", "BYTES"),
+)
+"""Every streamed response carries one token event as ``[1]`` tensors:
+the record's place in the request (``INDEX``), its id, the text delta, the
+token id (-1 on a sequence's closing event or an error), the finish reason
+(``stop`` / ``length``, empty until the sequence ends) and, for a rejected
+record, its reason code and message."""
+
+
+def token_event_tensors(event: Any) -> dict[str, np.ndarray]:
+    """A :class:`pipeline.generate.TokenEvent` as ``NAME_generate``'s output
+    tensors (one home for Triton's decoupled model and Serve's gRPC stream)."""
+    err = event.error
+    return {
+        "INDEX": np.array([event.index], dtype=np.int32),
+        "ID": np.array([event.id.encode()], dtype=object),
+        "TEXT": np.array([event.text.encode()], dtype=object),
+        "TOKEN_ID": np.array([-1 if event.token_id is None else event.token_id], dtype=np.int64),
+        "FINISH_REASON": np.array([(event.finish_reason or "").encode()], dtype=object),
+        "ERROR_CODE": np.array([(err.code if err else "").encode()], dtype=object),
+        "ERROR_MESSAGE": np.array([(err.message if err else "").encode()], dtype=object),
+    }
+
+
+def token_event_fields(outputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The inverse, for clients: one streamed response's tensors as a plain
+    dict (``error`` is ``{"code", "message"}`` or None)."""
+
+    def text(name: str) -> str:
+        v = np.asarray(outputs[name]).reshape(-1)[0]
+        return v.decode() if isinstance(v, bytes) else str(v)
+
+    token = int(np.asarray(outputs["TOKEN_ID"]).reshape(-1)[0])
+    code = text("ERROR_CODE")
+    return {"index": int(np.asarray(outputs["INDEX"]).reshape(-1)[0]), "id": text("ID"), "text": text("TEXT"),
+            "token_id": None if token < 0 else token, "finish_reason": text("FINISH_REASON") or None,
+            "error": {"code": code, "message": text("ERROR_MESSAGE")} if code else None}
+
+
 
 def ensemble_features(pre: Any, batch: Any, seq_len: int | None,
                       dims: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
