@@ -14,7 +14,7 @@ Only the codec lives here; what a call means is the deployment's.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -22,7 +22,15 @@ import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from pipeline.oip import OipError, datatype_of, dtype_of, tensor_from_bytes, tensor_to_bytes
+from pipeline.oip import (
+    GENERATE_OUTPUTS,
+    OipError,
+    datatype_of,
+    dtype_of,
+    tensor_from_bytes,
+    tensor_to_bytes,
+    token_event_tensors,
+)
 
 # tritonclient's generated classes say they live in ``grpc_service_pb2``
 # (the proto's own module name), which nothing can import: Serve's classic
@@ -113,6 +121,64 @@ def infer_response(model: str, version: str, outputs: Mapping[str, np.ndarray], 
     return resp
 
 
+# -- ModelStreamInfer (NAME_generate, a decoupled model) ------------------------------------------------------
+FINAL = "triton_final_response"
+"""Response parameter flagging a request's last response (Triton's decoupled models)."""
+EMPTY_FINAL = "triton_enable_empty_final_response"
+"""Request parameter: end with an empty response flagged final, instead of flagging the last token's."""
+
+
+def request_parameters(req: Any) -> dict[str, Any]:
+    """A request's ``parameters`` as plain values (whichever of bool / int /
+    double / string each carries)."""
+    out: dict[str, Any] = {}
+    for key, p in req.parameters.items():
+        which = p.WhichOneof("parameter_choice")
+        if which is not None:
+            out[key] = getattr(p, which)
+    return out
+
+
+def token_outputs(requested: list[str] | None) -> Callable[[Any], dict[str, np.ndarray]]:
+    """What one token event sends (:func:`pipeline.oip.token_event_tensors`),
+    limited to the outputs the request names; an unknown name is refused
+    before any model work."""
+    names = [n for n, _ in GENERATE_OUTPUTS]
+    unknown = [n for n in requested or [] if n not in names]
+    if unknown:
+        raise OipError(f"unknown output {unknown[0]!r}; the model gives {names}")
+
+    def pick(event: Any) -> dict[str, np.ndarray]:
+        tensors = token_event_tensors(event)
+        return tensors if not requested else {n: tensors[n] for n in requested}
+
+    return pick
+
+
+def stream_response(infer: Any) -> Any:
+    return service_pb2.ModelStreamInferResponse(infer_response=infer)
+
+
+def stream_error(message: str) -> Any:
+    """A failed request on the stream: Triton's ``error_message``, which
+    tritonclient hands the stream callback as an ``InferenceServerException``."""
+    return service_pb2.ModelStreamInferResponse(error_message=message)
+
+
+def token_response(model: str, version: str, request_id: str, outputs: Mapping[str, np.ndarray], *,
+                   final: bool) -> Any:
+    resp = infer_response(model, version, outputs, request_id)
+    resp.parameters[FINAL].bool_param = final
+    return stream_response(resp)
+
+
+def final_response(model: str, version: str, request_id: str) -> Any:
+    """The empty response that only says "no more for this request"."""
+    resp = service_pb2.ModelInferResponse(model_name=model, model_version=version, id=request_id)
+    resp.parameters[FINAL].bool_param = True
+    return stream_response(resp)
+
+
 def metadata_response(meta: Mapping[str, Any]) -> Any:
     resp = service_pb2.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
     for key in ("inputs", "outputs"):
@@ -125,5 +191,6 @@ def config_response(cfg: Mapping[str, Any]) -> Any:
     return service_pb2.ModelConfigResponse(config=json_format.ParseDict(cfg, model_config_pb2.ModelConfig()))
 
 
-__all__ = ["SERVICER", "STATUS", "abort", "add_servicer", "config_response", "datatype_of", "infer_response",
-           "metadata_response", "parse_request", "service_pb2"]
+__all__ = ["EMPTY_FINAL", "FINAL", "SERVICER", "STATUS", "abort", "add_servicer", "config_response", "datatype_of",
+           "final_response", "infer_response", "metadata_response", "parse_request", "request_parameters",
+           "service_pb2", "stream_error", "stream_response", "token_outputs", "token_response"]

@@ -12,9 +12,12 @@ Routes (``NAME`` is a served model, ``WORKLOAD`` its workload):
     POST /v2/models/NAME[/versions/V]/infer            model tensors -> logits
     POST /v2/models/NAME_ensemble[/versions/V]/infer   RECORD bytes -> logits, VALID, ERROR
     POST /v1/WORKLOAD/predict                          records (JSON or multipart) -> Results
+    POST /v1/WORKLOAD/generate                         records -> generated text (JSON, or SSE as tokens come)
     GET  /metrics                                      mmpipe_* of every replica (Prometheus)
 
-gRPC: Triton's ``GRPCInferenceService`` (:mod:`deploy.serve.grpc_oip`).
+gRPC: Triton's ``GRPCInferenceService`` (:mod:`deploy.serve.grpc_oip`), with
+``ModelStreamInfer`` streaming ``NAME_generate``'s tokens (a decoupled model,
+as Triton serves its twin).
 Protocol errors, unknown routes included, answer ``{"error": "..."}`` as Triton does (tritonclient
 raises them as ``InferenceServerException``); the friendly API answers
 ``{"error": {"code", "message"}}`` like a rejected record.  The body-size
@@ -25,17 +28,18 @@ in, so an oversize request is refused before it is held in memory.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import traceback
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from ray import serve
 from starlette.datastructures import UploadFile
@@ -46,12 +50,14 @@ from deploy.serve.config import SERVER, ModelRoute, UserConfig, request_limits
 from deploy.serve.metrics_hub import Publisher, exposition, get_hub
 from deploy.serve.model import Failure, ModelRuntime
 from pipeline import __version__
-from pipeline.config import Settings
+from pipeline.config import GenerateConfig, Settings
 from pipeline.errors import Reason
+from pipeline.generate import GenerationError, Sampling, TokenEvent
 from pipeline.log import log_event, setup_logging
 from pipeline.metrics import get_metrics
 from pipeline.oip import (
     ENSEMBLE_SUFFIX,
+    GENERATE_SUFFIX,
     HEADER_LENGTH,
     OipError,
     build_infer_response,
@@ -170,6 +176,87 @@ def _json_records(body: bytes) -> tuple[list[Any], bool]:
                     Reason.BAD_RECORD.value)
 
 
+SAMPLING_FIELDS: dict[str, tuple[type, ...]] = {
+    "do_sample": (bool,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float), "seed": (int,)}
+"""Per-call decoding options (HTTP body fields, gRPC request parameters) and
+the JSON types each takes; unset ones come from the settings' ``generate``."""
+_GENERATE_FIELDS = frozenset({"records", "max_new_tokens", "stream", *SAMPLING_FIELDS})
+
+
+def sampling_of(base: GenerateConfig, given: Mapping[str, Any]) -> Sampling:
+    """The call's :class:`Sampling`: ``base`` (the settings' ``generate``)
+    with the options the call names.  A wrong type is a 400 naming the
+    option; a value out of range is refused by ``Sampling.check``."""
+    for key, value in given.items():
+        want = SAMPLING_FIELDS[key]
+        if isinstance(value, bool) != (want == (bool,)) or not isinstance(value, want):
+            kind = {(bool,): "true or false", (int,): "an integer"}.get(want, "a number")
+            raise HttpError(400, f"{key!r} must be {kind}", Reason.BAD_RECORD.value)
+    return dataclasses.replace(Sampling.from_config(base), **given)
+
+
+@dataclasses.dataclass
+class GenerateCall:
+    """A parsed ``POST /v1/WORKLOAD/generate`` body."""
+
+    records: list[Any]
+    single: bool
+    max_new_tokens: int | None
+    stream: bool | None
+    options: dict[str, Any]
+
+
+def _generate_call(body: bytes) -> GenerateCall:
+    """One record (its defaults for everything), or ``{"records": [...],
+    "max_new_tokens", "stream", "do_sample", "temperature", "top_k",
+    "top_p", "seed"}`` (all but ``records`` optional)."""
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise HttpError(400, f"body is not valid JSON: {getattr(exc, 'msg', type(exc).__name__)}",
+                        Reason.BAD_JSON.value) from None
+    if not isinstance(doc, dict):
+        raise HttpError(400, f'body must be a record object or {{"records": [...], ...}}, got {type(doc).__name__}',
+                        Reason.BAD_RECORD.value)
+    if "records" not in doc:
+        return GenerateCall([doc], True, None, None, {})
+    unknown = sorted(set(doc) - _GENERATE_FIELDS)
+    if unknown:
+        raise HttpError(400, f"unknown field {unknown[0]!r}; a generate call takes {sorted(_GENERATE_FIELDS)}",
+                        Reason.BAD_RECORD.value)
+    records, new, stream = doc["records"], doc.get("max_new_tokens"), doc.get("stream")
+    if not isinstance(records, list) or not records:
+        raise HttpError(400, "'records' must be a non-empty list of records", Reason.BAD_RECORD.value)
+    if new is not None and (isinstance(new, bool) or not isinstance(new, int)):
+        raise HttpError(400, "'max_new_tokens' must be an integer", Reason.BAD_RECORD.value)
+    if stream is not None and not isinstance(stream, bool):
+        raise HttpError(400, "'stream' must be true or false", Reason.BAD_RECORD.value)
+    options = {k: doc[k] for k in SAMPLING_FIELDS if doc.get(k) is not None}
+    return GenerateCall(records, False, new, stream, options)
+
+
+def _sse(events: AsyncIterator[TokenEvent], first: TokenEvent | None) -> AsyncIterator[bytes]:
+    """Server-sent events: one ``data: <json>`` per token event
+    (``TokenEvent.as_dict``), then ``data: [DONE]``; a failure after the
+    stream began ends it with ``data: {"error": {...}}`` and no ``[DONE]``."""
+
+    def frame(doc: Any) -> bytes:
+        return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+
+    async def gen() -> AsyncIterator[bytes]:
+        try:
+            if first is not None:
+                yield frame(first.as_dict())
+            async for ev in events:
+                yield frame(ev.as_dict())
+        except Exception as exc:
+            yield frame({"error": {"code": "internal", "message": _internal(exc)}})
+            return
+        yield b"data: [DONE]\n\n"
+
+    return gen()
+
+
 _SERVER_METADATA = {"name": "mmpipe", "version": __version__,
                     "extensions": ["binary_tensor_data", "model_configuration"]}
 
@@ -225,6 +312,7 @@ class Server:
         threads = _replica_threads()
         self.models = {r.name: ModelRuntime(r.package, r.name, r.workload, cfg, self.metrics, threads)
                        for r in self.routes.values()}
+        self.generate_cfg = cfg.generate
         self.user_config = UserConfig()
         ctx = serve.get_replica_context()
         self.app_name = ctx.app_name
@@ -246,12 +334,17 @@ class Server:
 
     # -- helpers --------------------------------------------------------------------------------
     def _resolve(self, name: str) -> tuple[ModelRuntime, str]:
-        """(model, kind) of a served model name; ``NAME_ensemble`` takes records."""
+        """(model, kind) of a served model name; ``NAME_ensemble`` takes
+        records, ``NAME_generate`` generates (where the package has a head)."""
         if name in self.models:
             return self.models[name], "model"
-        base = name[: -len(ENSEMBLE_SUFFIX)] if name.endswith(ENSEMBLE_SUFFIX) else None
-        if base in self.models:
-            return self.models[base], "ensemble"
+        for suffix, kind in ((ENSEMBLE_SUFFIX, "ensemble"), (GENERATE_SUFFIX, "generate")):
+            model = self.models.get(name[: -len(suffix)]) if name.endswith(suffix) else None
+            if model is None:
+                continue
+            if kind == "generate" and model.ready and model.generator is None:
+                raise HttpError(404, f"unknown model {name!r}: {model.no_head().message}", "unknown_model")
+            return model, kind
         raise HttpError(404, f"unknown model {name!r}; served: {sorted(self.models)}", "unknown_model")
 
     def _checked(self, name: str, version: str | None) -> tuple[ModelRuntime, str]:
@@ -369,10 +462,7 @@ class Server:
         return await self._guard(lambda: self._predict(workload, request), friendly=True)
 
     async def _predict(self, workload: str, request: Request) -> Response:
-        name = self.by_workload.get(workload)
-        if name is None:
-            raise HttpError(404, f"no model serves workload {workload!r}; served: {sorted(self.by_workload)}",
-                            Reason.UNKNOWN_WORKLOAD.value)
+        model = self._workload_model(workload)
         ctype = _content_type(request)
         if ctype not in ("application/json", "multipart/form-data"):
             raise HttpError(415, f"Content-Type {ctype or 'none'!r} is not accepted; send application/json "
@@ -389,10 +479,65 @@ class Server:
         for rec in records:
             if isinstance(rec, dict):
                 rec.setdefault("workload", workload)
-        lines = await self.models[name].predict(records)
+        lines = await model.predict(records)
         if isinstance(lines, Failure):
             return _v1_error(lines.status, "model_not_ready" if lines.status == 503 else "error", lines.message)
         return Response(_json_lines_body(lines, single), media_type="application/json")
+
+    @app.post("/v1/{workload}/generate")
+    async def generate(self, workload: str, request: Request) -> Response:
+        return await self._guard(lambda: self._generate(workload, request), friendly=True)
+
+    def _workload_model(self, workload: str) -> ModelRuntime:
+        name = self.by_workload.get(workload)
+        if name is None:
+            raise HttpError(404, f"no model serves workload {workload!r}; served: {sorted(self.by_workload)}",
+                            Reason.UNKNOWN_WORKLOAD.value)
+        return self.models[name]
+
+    async def _generate(self, workload: str, request: Request) -> Response:
+        """Records to generated text: one JSON answer when every record is
+        done, or server-sent events as the tokens are chosen (``"stream":
+        true`` or ``Accept: text/event-stream``).  A call its limits refuse
+        is a 400 before any model work; a rejected record gets its error."""
+        model = self._workload_model(workload)
+        if model.ready and model.generator is None:
+            raise HttpError(404, f"workload {workload!r}: {model.no_head().message}", "no_generative_head")
+        ctype = _content_type(request)
+        if ctype != "application/json":
+            raise HttpError(415, f"Content-Type {ctype or 'none'!r} is not accepted; send application/json "
+                            "(one record, or {\"records\": [...], ...})", "unsupported_media_type")
+        body = await read_body(request, self.max_body)
+        body = decode_content(body, request.headers.get("content-encoding"), self.max_body)
+        call = await _offload(_generate_call, len(body), body)
+        if len(call.records) > self.max_records:
+            raise HttpError(413, f"{len(call.records)} records in one request; limit is {self.max_records}",
+                            Reason.PAYLOAD_TOO_LARGE.value)
+        for rec in call.records:
+            if isinstance(rec, dict):
+                rec.setdefault("workload", workload)
+        sampling = sampling_of(self.generate_cfg, call.options)
+        stream = call.stream if call.stream is not None else "text/event-stream" in request.headers.get("accept", "")
+        try:
+            if stream:
+                return await self._generate_sse(model, call, sampling)
+            results = await model.generate(call.records, call.max_new_tokens, sampling)
+        except GenerationError as exc:
+            raise HttpError(400, str(exc), "bad_request") from None
+        if isinstance(results, Failure):
+            raise HttpError(results.status, results.message, "model_not_ready" if results.status == 503 else "error")
+        lines = [r.model_dump_json().encode() for r in results]
+        return Response(_json_lines_body(lines, call.single), media_type="application/json")
+
+    async def _generate_sse(self, model: ModelRuntime, call: GenerateCall, sampling: Sampling) -> Response:
+        """The event stream, begun only once the first event exists: a call
+        the limits refuse is still a plain 400."""
+        events = model.generate_stream(call.records, call.max_new_tokens, sampling)
+        if isinstance(events, Failure):
+            raise HttpError(events.status, events.message, "model_not_ready" if events.status == 503 else "error")
+        first = await anext(events, None)
+        return StreamingResponse(_sse(events, first), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _form_record(self, request: Request, body: bytes) -> dict[str, Any]:
         """One record from a multipart upload: fields ``id``, ``text``,
@@ -498,6 +643,59 @@ class Server:
             grpc_oip.abort(grpc_context, reply.status, reply.message)
             return grpc_oip.service_pb2.ModelInferResponse()
         return grpc_oip.infer_response(request.model_name, reply.model_version, reply.outputs, request.id)
+
+    async def ModelStreamInfer(self, request_stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """Triton's bidirectional stream: each request of the stream is
+        answered in turn.  ``NAME_generate`` answers one response per token
+        event, the last flagged ``triton_final_response`` (or an empty final
+        response when the request sets ``triton_enable_empty_final_response``),
+        as Triton's decoupled models do; other models answer one response.
+        A request that fails gets an error response with the HTTP route's
+        message and the stream goes on, as on Triton."""
+        async for request in request_stream:
+            async for response in self._stream_one(request):
+                yield response
+
+    async def _stream_one(self, request: Any) -> AsyncIterator[Any]:
+        try:
+            model, kind = self._checked(request.model_name, request.model_version or None)
+            inputs, requested = grpc_oip.parse_request(request)
+            if kind != "generate":
+                reply = await model.infer(kind, inputs, requested)
+                if isinstance(reply, Failure):
+                    raise HttpError(reply.status, reply.message)
+                yield grpc_oip.stream_response(grpc_oip.infer_response(
+                    request.model_name, reply.model_version, reply.outputs, request.id))
+                return
+            async for response in self._stream_tokens(model, request, inputs, requested):
+                yield response
+        except (HttpError, OipError) as exc:
+            yield grpc_oip.stream_error(exc.message)
+        except GenerationError as exc:
+            yield grpc_oip.stream_error(str(exc))
+        except Exception as exc:
+            yield grpc_oip.stream_error(_internal(exc))
+        finally:
+            self.publisher.mark()
+
+    async def _stream_tokens(self, model: ModelRuntime, request: Any, inputs: dict[str, Any],
+                             requested: list[str] | None) -> AsyncIterator[Any]:
+        records, new = model.generate_inputs(inputs)
+        params = grpc_oip.request_parameters(request)
+        empty_final = bool(params.pop(grpc_oip.EMPTY_FINAL, False))
+        sampling = sampling_of(self.generate_cfg, {k: v for k, v in params.items() if k in SAMPLING_FIELDS})
+        pick = grpc_oip.token_outputs(requested)
+        events = model.generate_stream(records, new, sampling)
+        if isinstance(events, Failure):
+            raise HttpError(events.status, events.message)
+        name, version, ended = request.model_name, model.version, 0
+        async for ev in events:
+            ended += ev.finish_reason is not None or ev.error is not None
+            final = ended == len(records) and not empty_final
+            yield grpc_oip.token_response(name, version, request.id, pick(ev), final=final)
+            if final:
+                return
+        yield grpc_oip.final_response(name, version, request.id)
 
     def __del__(self) -> None:
         publisher = getattr(self, "publisher", None)

@@ -14,7 +14,10 @@ calls:
   by :func:`pipeline.oip.ensemble_features` (the function Triton's
   preprocess model runs), answered with logits plus ``VALID``/``ERROR``;
 * :meth:`ModelRuntime.predict`: raw records, answered with the results'
-  JSON lines (:meth:`pipeline.results.ResultBatch.json_lines`, made once).
+  JSON lines (:meth:`pipeline.results.ResultBatch.json_lines`, made once);
+* :meth:`ModelRuntime.generate` / :meth:`ModelRuntime.generate_stream`:
+  raw records to a package's generative head (``NAME_generate``, a
+  decoupled model), when the package carries one.
 
 Concurrent calls are merged by ``@serve.batch``: tensor calls into one
 engine call (:func:`pipeline.columnar.pad_concat`, split back with
@@ -29,6 +32,12 @@ engine call is isolated by :func:`pipeline.engines.base.run_isolated` (one
 call's tensors cannot fail the others; an unavailable engine fails them all
 at once).
 
+Generation is not batched across calls (each call decodes its own records
+together, ``generate.batch_size`` at a time): the decoding loop is a
+blocking numpy / ONNX Runtime loop, run in a thread of its own per call so
+the event loop keeps serving; :func:`thread_events` hands its token events
+to the event loop as they are chosen, which is what makes streaming stream.
+
 A model whose package fails to load (bad checksum, missing variant) stays
 in the replica and says so: it reports not ready and answers every
 inference call with 503, rather than crash-looping where nobody can ask it
@@ -39,9 +48,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from ray import serve
@@ -52,10 +63,15 @@ from pipeline.config import Settings
 from pipeline.engines import create_engine
 from pipeline.engines.base import EngineUnavailable, Isolated, run_isolated
 from pipeline.errors import PackageError
+from pipeline.generate import GenerationResult, Generator, Sampling, TokenEvent
 from pipeline.log import log_event
 from pipeline.metrics import Metrics
 from pipeline.oip import (
+    DATATYPES,
     ENSEMBLE_SUFFIX,
+    GENERATE_INPUTS,
+    GENERATE_OUTPUTS,
+    GENERATE_SUFFIX,
     PREPROCESS_OUTPUTS,
     RECORD,
     TOKEN_OFFSETS,
@@ -76,6 +92,64 @@ logger = logging.getLogger(__name__)
 ENSEMBLE_EXTRA = (*PREPROCESS_OUTPUTS, TOKEN_OFFSETS)
 """What the ensemble adds to the model's outputs (names shared with the Triton repository)."""
 _DEFAULTS = UserConfig()
+_SUFFIX = {"model": "", "ensemble": ENSEMBLE_SUFFIX, "generate": GENERATE_SUFFIX}
+"""Served name of each kind of call: ``NAME``, ``NAME_ensemble``, ``NAME_generate``."""
+T = TypeVar("T")
+
+
+def _generate_specs() -> tuple[list[Spec], list[Spec]]:
+    """``NAME_generate``'s tensors (:data:`pipeline.oip.GENERATE_INPUTS` /
+    ``GENERATE_OUTPUTS``) as signature specs: the records axis is the
+    ``batch`` dimension, every output one ``[1]`` token event."""
+    def dims(shape: tuple[int, ...]) -> list[int | str]:
+        return ["batch" if d == -1 else d for d in shape]
+
+    ins = [Spec(n, DATATYPES[t].name, dims(shape)) for n, t, shape, _ in GENERATE_INPUTS]
+    outs = [Spec(n, DATATYPES[t].name, [1]) for n, t in GENERATE_OUTPUTS]
+    return ins, outs
+
+
+GENERATE_SPECS = _generate_specs()
+OPTIONAL_INPUTS = frozenset(n for n, _, _, optional in GENERATE_INPUTS if optional)
+
+
+async def thread_events(produce: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+    """Iterate a blocking iterator in a thread of its own, handing each item
+    to the event loop as soon as it exists (the first before the last is
+    made).  An exception from the iterator is raised here; when the consumer
+    stops early (a client went away) the thread stops at its next item."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
+    stop = threading.Event()
+
+    def put(item: tuple[bool, Any]) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone: nobody is listening
+            stop.set()
+
+    def run() -> None:
+        try:
+            for item in produce():
+                if stop.is_set():
+                    return
+                put((False, item))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put((True, exc))
+            return
+        put((True, None))
+
+    threading.Thread(target=run, name="mmpipe-generate", daemon=True).start()
+    try:
+        while True:
+            done, item = await queue.get()
+            if done:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 @dataclass
@@ -120,6 +194,7 @@ class ModelRuntime:
         self.labels = {"path": "online", "workload": workload, "model": name}
         self.metrics = metrics
         self.predictor: Predictor | None = None
+        self.generator: Generator | None = None
         self.load_error: str | None = None
         try:
             self._load(package, workload, settings, threads)
@@ -142,6 +217,11 @@ class ModelRuntime:
             pkg, engine, limits=cfg.limits, media=ONLINE_MEDIA, batch_size=cfg.predict.batch_size,
             path="online", metrics=self.metrics,
         )
+        if any(v.startswith("generate-") for v in pkg.manifest.variants):
+            self.generator = Generator(pkg, engine_cfg, cfg.generate, cfg.limits)
+            # Online callers send media inline only: the Predictor's preprocessor
+            # (ONLINE_MEDIA), never one that would read the server's files.
+            self.generator.preprocessor = self.predictor.pre
         self.version = pkg.version
         self.labels = {"path": "online", "workload": pkg.spec.name, "model": pkg.name}
         self.max_batch_records = self.predictor.pre.limits.max_batch_records
@@ -191,12 +271,16 @@ class ModelRuntime:
         return out
 
     def _specs(self, kind: str) -> tuple[list[TensorSpecLike], list[TensorSpecLike]]:
+        if kind == "generate":
+            return list(GENERATE_SPECS[0]), list(GENERATE_SPECS[1])
         return (self.inputs, self.outputs) if kind == "model" else (self.ensemble_inputs, self.ensemble_outputs)
 
     def _platform(self, kind: str) -> str:
         assert self.predictor is not None
         engine = self.predictor.engine.name
-        return "ensemble" if kind == "ensemble" else ("onnxruntime_onnx" if engine == "onnxruntime" else engine)
+        if kind != "model":
+            return {"ensemble": "ensemble", "generate": "python"}[kind]  # as Triton names its twins
+        return "onnxruntime_onnx" if engine == "onnxruntime" else engine
 
     def metadata(self, kind: str) -> dict[str, Any] | Failure:
         """Model metadata as ``GET /v2/models/{name}`` returns it."""
@@ -204,7 +288,7 @@ class ModelRuntime:
             return self.not_ready()
         ins, outs = self._specs(kind)
         return {
-            "name": self.name if kind == "model" else f"{self.name}{ENSEMBLE_SUFFIX}",
+            "name": f"{self.name}{_SUFFIX[kind]}",
             "versions": [self.version], "platform": self._platform(kind),
             "inputs": [tensor_metadata(t.name, t.dtype, t.shape) for t in ins],
             "outputs": [tensor_metadata(t.name, t.dtype, t.shape) for t in outs],
@@ -215,9 +299,28 @@ class ModelRuntime:
         if self.predictor is None:
             return self.not_ready()
         ins, outs = self._specs(kind)
-        name = self.name if kind == "model" else f"{self.name}{ENSEMBLE_SUFFIX}"
+        name = f"{self.name}{_SUFFIX[kind]}"
+        if kind == "generate":
+            return self._generate_config(name, ins, outs)
         return model_config(name, self._platform(kind), ins, outs, max_batch_size=self.max_batch_records,
                             preferred=[uc.max_batch_size], delay_us=int(uc.batch_wait_timeout_s * 1e6))
+
+    def _generate_config(self, name: str, ins: list[TensorSpecLike], outs: list[TensorSpecLike]) -> dict[str, Any]:
+        """``NAME_generate`` as Triton configures its decoupled twin: no
+        batch axis (the records are the ``RECORD`` vector), full dims, the
+        optional inputs marked, ``model_transaction_policy.decoupled``."""
+
+        def full(t: TensorSpecLike) -> list[int]:
+            return [d if isinstance(d, int) else -1 for d in t.shape]
+
+        cfg = model_config(name, "", ins, outs, max_batch_size=0)
+        cfg["backend"] = self._platform("generate")
+        for entry, t in zip([*cfg["input"], *cfg["output"]], [*ins, *outs], strict=True):
+            entry["dims"] = full(t)
+            if t.name in OPTIONAL_INPUTS:
+                entry["optional"] = True
+        cfg["model_transaction_policy"] = {"decoupled": True}
+        return cfg
 
     # -- tensors ----------------------------------------------------------------------------------
     def _check_values(self, inputs: dict[str, np.ndarray], dims: dict[str, int]) -> None:
@@ -238,6 +341,9 @@ class ModelRuntime:
         """Raw tensors in, logits out (``kind`` ``model`` or ``ensemble``)."""
         if self.predictor is None:
             return self.not_ready()
+        if kind == "generate":
+            return Failure(400, f"model '{self.name}{GENERATE_SUFFIX}' is decoupled (one response per token): "
+                           "stream it with gRPC ModelStreamInfer, or POST /v1/WORKLOAD/generate")
         t0 = time.perf_counter()
         specs_in, specs_out = self._specs(kind)
         names = [s.name for s in specs_out]
@@ -378,6 +484,44 @@ class ModelRuntime:
         merged = ColumnarBatch.merge([c.batch for c in calls])
         results = await asyncio.to_thread(self.predictor.infer_batch, merged)
         return results.split([c.batch.size for c in calls])
+
+    # -- generation ---------------------------------------------------------------------------
+    def no_head(self) -> Failure:
+        return Failure(404, f"model {self.name!r} has no generative head (its package carries no exported "
+                       "generate-* variant): it tags, it does not generate")
+
+    def generate_inputs(self, inputs: dict[str, np.ndarray]) -> tuple[list[Any], int | None]:
+        """(records, max_new_tokens) of a ``NAME_generate`` tensor request,
+        checked against :data:`pipeline.oip.GENERATE_INPUTS` with the same
+        messages as any tensor request (raises :class:`OipError`)."""
+        specs = [s for s in GENERATE_SPECS[0] if s.name in inputs or s.name not in OPTIONAL_INPUTS]
+        validate_inputs(inputs, specs, max_batch=self.max_batch_records)
+        records = [bytes(r) if not isinstance(r, str) else r.encode("utf-8") for r in inputs[RECORD].reshape(-1)]
+        new = inputs.get(GENERATE_INPUTS[1][0])
+        return records, None if new is None else int(new.reshape(-1)[0])
+
+    async def generate(self, records: list[Any], max_new_tokens: int | None,
+                       sampling: Sampling | None) -> list[GenerationResult] | Failure:
+        """One :class:`GenerationResult` per record, in order (a rejected
+        record gets its error); raises ``GenerationError`` for a call its
+        limits refuse."""
+        if self.predictor is None:
+            return self.not_ready()
+        if self.generator is None:
+            return self.no_head()
+        gen = self.generator
+        return await asyncio.to_thread(gen.generate, records, max_new_tokens=max_new_tokens, sampling=sampling)
+
+    def generate_stream(self, records: list[Any], max_new_tokens: int | None,
+                        sampling: Sampling | None) -> AsyncIterator[TokenEvent] | Failure:
+        """Token events as they are chosen (``Generator.stream`` in a thread
+        of its own); a ``GenerationError`` is raised by the first ``await``."""
+        if self.predictor is None:
+            return self.not_ready()
+        if self.generator is None:
+            return self.no_head()
+        gen = self.generator
+        return thread_events(lambda: gen.stream(records, max_new_tokens=max_new_tokens, sampling=sampling))
 
     def close(self) -> None:
         if self.predictor is not None:
