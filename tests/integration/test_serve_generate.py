@@ -202,18 +202,22 @@ def test_http_max_new_tokens_and_seeded_sampling(server, generator, records) -> 
     assert [x["token_ids"] for x in a] == [x["token_ids"] for x in b], "same seed, same tokens"
 
 
-def test_sse_with_curl_streams_every_token(server, records, expected) -> None:
+def test_sse_with_curl_streams_every_token(server, records, expected, tmp_path: Path) -> None:
     curl = shutil.which("curl")
     if curl is None:
         pytest.fail("curl is needed to read the event stream as an outside client")
-    body = json.dumps({"records": records, "stream": True})
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps({"records": records, "stream": True}))
+    head, stream = tmp_path / "head.txt", tmp_path / "stream.txt"
     out = subprocess.run([curl, "-sS", "-N", "--fail-with-body", "-H", "Content-Type: application/json",
-                          "-D", "-", "--data-binary", body, f"{server.url}/v1/medical/generate"],
+                          "-H", "Expect:", "-D", str(head), "-o", str(stream), "--data-binary", f"@{body}",
+                          f"{server.url}/v1/medical/generate"],
                          capture_output=True, text=True, timeout=180, check=False)
-    assert out.returncode == 0, out.stdout + out.stderr
-    head, _, stream = out.stdout.partition("\r\n\r\n")
-    assert "content-type: text/event-stream" in head.lower()
-    events = sse_events(stream.splitlines())
+    text = stream.read_text(errors="replace")
+    assert out.returncode == 0, out.stderr + text[-2000:]
+    assert "content-type: text/event-stream" in head.read_text().lower(), head.read_text()
+    events = sse_events(text.splitlines())
+    assert events, (head.read_text(), text[:2000])
     assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
     assert_streamed(events[:-1], expected)
 
