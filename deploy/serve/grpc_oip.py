@@ -8,6 +8,10 @@ calls the server deployment's method of the RPC's name with the request
 message; :class:`GrpcMethods` is that set of methods, mixed into the
 deployment.  Errors carry a gRPC status code and the message the HTTP route
 would give (the same :class:`~pipeline.oip.OipError` wording).
+``ModelStreamInfer`` (bidirectional: the deployment's method is an async
+generator over the request stream) carries ``NAME_generate``'s token events,
+flagged as Triton flags a decoupled model's responses (``FINAL``); a failed
+request on the stream is an ``error_message`` response, as on Triton.
 Only the codec lives here; what a call means is the deployment's.
 """
 

@@ -346,6 +346,22 @@ def test_grpc_metadata_config_and_readiness(server, generative_package) -> None:
     assert r.status_code == 200 and r.json()["model_transaction_policy"] == {"decoupled": True}
 
 
+def test_classic_proxy_mode_streams_the_same(generative_package, records, expected, tmp_path: Path) -> None:
+    """With Ray's throughput mode off (Serve's Python proxy relays the
+    streams) both streams give the same tokens: the module's server covers
+    throughput mode, this the other."""
+    app = serve_app("classic", "/", [{"package": str(generative_package)}], settings={})
+    with running_serve([app], tmp_path, throughput_mode="off") as srv:
+        with requests.post(f"{srv.url}/v1/medical/generate", json={"records": records[:2], "stream": True},
+                           stream=True, timeout=120) as r:
+            assert r.status_code == 200, r.text
+            events = sse_events(list(r.iter_lines(decode_unicode=True)))
+        assert events[-1] == "[DONE]"
+        assert_streamed(events[:-1], expected[:2])
+        assert_streamed(grpc_events(grpc_stream(srv, _name(generative_package) + GENERATE_SUFFIX, records[:2])),
+                        expected[:2])
+
+
 def test_generated_text_and_records_never_logged(server, expected) -> None:
     log = server.log.read_text(errors="replace")
     assert MARKER not in log
