@@ -262,6 +262,13 @@ class ColumnarBatch:
         out["presence"] = self.presence
         return out
 
+    def row_ids(self) -> np.ndarray:
+        """Every input record's id in position order, accepted or rejected."""
+        ids = np.empty(self.size, dtype=object)
+        ids[self.positions] = self.ids
+        ids[self.rejected.positions] = self.rejected.ids
+        return ids
+
     # -- block form (Ray Data, Arrow) ------------------------------------------------------------------------
     def to_block(self, max_length: int | None = None) -> dict[str, np.ndarray]:
         """Numpy columns, one row per input record in position order
@@ -274,9 +281,7 @@ class ColumnarBatch:
         ok = order >= 0
         src = np.where(ok, order, 0)
         out: dict[str, np.ndarray] = {}
-        ids = np.empty(n, dtype=object)
-        ids[self.positions] = self.ids
-        ids[self.rejected.positions] = self.rejected.ids
+        ids = self.row_ids()
         code = np.full(n, "", dtype=object)
         msg = np.full(n, "", dtype=object)
         code[self.rejected.positions] = self.rejected.codes
