@@ -41,6 +41,7 @@ from pipeline.batch.stages import PIECE_FIELDS, InferActor, ShardActor, decode_s
 from pipeline.batch.summary import aggregate
 from pipeline.config import Settings
 from pipeline.errors import PackageError
+from pipeline.generate import check_enabled
 from pipeline.log import log_event
 from pipeline.package import ModelPackage, load_package
 
@@ -317,6 +318,7 @@ def run_batch(settings: Settings, opts: JobOptions) -> dict[str, Any]:
     if package_dir is None:
         raise PackageError("no model package given: pass --package or set model_package in the config")
     package = load_package(package_dir)  # verifies checksums before any worker starts
+    check_enabled(package, settings.generate)  # generate.enabled without a generative head: refused now
     workload = package.spec.name
     run_date = _run_date(opts.run_date)
     cfg = settings.batch
@@ -374,7 +376,7 @@ def run_batch(settings: Settings, opts: JobOptions) -> dict[str, Any]:
         if not summary["counts_match"]:
             raise BatchJobError("records in != results + errors; nothing was published")
         t_commit = time.perf_counter()
-        summary["delta_version"] = out.commit(markers, summary)
+        summary["delta_version"] = out.commit(markers, summary, generated=settings.generate.enabled)
         summary["stage_seconds"]["commit"] = round(time.perf_counter() - t_commit, 3)
         log_event(logger, logging.INFO, "batch_published", workload=workload, run_date=run_date,
                   records=agg["records_in"], results=agg["results"], errors=agg["errors"],

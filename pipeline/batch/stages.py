@@ -36,11 +36,12 @@ import pyarrow.parquet as pq
 from prometheus_client import CollectorRegistry
 
 from pipeline.batch.inputs import Shard, open_filesystem, read_shard
-from pipeline.batch.output import FILE_SCHEMA
+from pipeline.batch.output import file_schema
 from pipeline.batch.pushgateway import push_worker_metrics
 from pipeline.columnar import ColumnarBatch
 from pipeline.config import Settings
 from pipeline.engines import create_engine
+from pipeline.generate import Generator, add_generated, generator_for
 from pipeline.metrics import get_metrics
 from pipeline.package import load_package
 from pipeline.predictor import Predictor
@@ -78,11 +79,14 @@ class _Worker:
         package = load_package(package_dir, trusted_digest=digest)
         self.registry = CollectorRegistry()
         eng = None
+        self.generator: Generator | None = None
         if engine:
             cfg = self.settings.engine.model_copy()
             if not cfg.threads:  # ONNX Runtime's threads match the CPUs this actor holds
                 cfg.threads = max(1, int(self.settings.batch.actor_num_cpus))
             eng = create_engine(package, cfg)
+            # generate.enabled: the generative head beside the tagging heads (off: nothing loaded)
+            self.generator = generator_for(package, self.settings, cfg)
         b = self.settings.batch
         threads = b.decode_threads or max(1, int(b.actor_num_cpus if engine else b.num_cpus))
         self.predictor = Predictor(package, eng, limits=self.settings.limits, media=self.settings.media,
@@ -155,7 +159,8 @@ def decode_shards(
     text = w.predictor.spec.preprocessing.text
     for i in range(len(batch["key"])):
         cb, meta = decode_shard(w, fs, _shard(batch, i))
-        yield {**cb.to_block(text.max_length if text is not None else None), **meta}
+        yield {**cb.to_block(text.max_length if text is not None else None, messages=w.settings.generate.enabled),
+               **meta}
     w.push_metrics()
 
 
@@ -205,6 +210,8 @@ class InferActor:
                     "name": "", "size": 0, "infer_s": 0.0}
         t0 = time.perf_counter()
         res = self.pred.infer_batch(cb)
+        if self.w.generator is not None:
+            res = add_generated(self.w.generator, cb, res)
         tbl, label_counts = result_table(res, part)
         name = f"part-{key}-{int(part['seq'][0]):07d}-{uuid.uuid4().hex[:8]}.parquet"
         path = f"{self.out_dir}/{name}"
@@ -250,6 +257,7 @@ def result_table(res: ResultBatch, part: dict[str, np.ndarray]) -> tuple[pa.Tabl
         col[res.positions] = res.timings[stage]
         timings[f"{stage}_ms"] = pa.array(col, pa.float64(), mask=np.isnan(col))
     const = {"model": res.model, "model_version": res.model_version, "engine": res.engine, "provider": res.provider}
+    generated = generated_columns(res)
     cols = {
         "id": pa.array(part["id"], pa.string()), "error_code": pa.array(code, pa.string()),
         "error_message": pa.array(msg, pa.string()), "source": pa.array(part["source"], pa.string()),
@@ -258,8 +266,22 @@ def result_table(res: ResultBatch, part: dict[str, np.ndarray]) -> tuple[pa.Tabl
         "labels": labels,
         "result": pa.array(res.json_lines(), pa.binary()).cast(pa.string()),
         **timings,
+        **generated,
     }
-    return pa.table(cols, schema=FILE_SCHEMA), counts
+    return pa.table(cols, schema=file_schema(bool(generated))), counts
+
+
+def generated_columns(res: ResultBatch) -> dict[str, pa.Array]:
+    """``generated_text`` and ``generated_finish_reason`` of every row (null
+    for rejected records and for records the head could not answer); none
+    when the run does not generate."""
+    if res.generated is None:
+        return {}
+    text = np.full(res.size, None, dtype=object)
+    finish = np.full(res.size, None, dtype=object)
+    text[res.positions] = [g["text"] for g in res.generated]
+    finish[res.positions] = [g["finish_reason"] for g in res.generated]
+    return {"generated_text": pa.array(text, pa.string()), "generated_finish_reason": pa.array(finish, pa.string())}
 
 
 def label_column(res: ResultBatch) -> tuple[pa.Array, dict[str, dict[str, int]]]:
@@ -302,7 +324,7 @@ def label_column(res: ResultBatch) -> tuple[pa.Array, dict[str, dict[str, int]]]
     rejected = np.zeros(n, dtype=bool)
     rejected[res.rejected.positions] = True
     arr = pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(rejected))
-    return arr.cast(FILE_SCHEMA.field("labels").type), counts
+    return arr.cast(file_schema(False).field("labels").type), counts
 
 
 def settings_json(settings: Settings) -> str:
