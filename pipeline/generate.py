@@ -39,7 +39,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, Field
 
-from pipeline.config import EngineConfig, GenerateConfig, Limits
+from pipeline.config import EngineConfig, GenerateConfig, Limits, MediaConfig
 from pipeline.errors import PackageError, Reason, RecordError
 from pipeline.log import log_event
 from pipeline.package import ModelPackage
@@ -326,9 +326,11 @@ class Generator:
 
     def __init__(self, package: ModelPackage, engine: EngineConfig | None = None,
                  config: GenerateConfig | None = None, limits: Limits | None = None,
-                 backend: DecoderBackend | None = None) -> None:
+                 backend: DecoderBackend | None = None, media: MediaConfig | None = None) -> None:
         """``backend``: another engine for the same graphs (the PyTorch
-        reference in parity checks and benchmarks); default ONNX Runtime."""
+        reference in parity checks and benchmarks); default ONNX Runtime.
+        ``media``: where records' media URIs may point (online servers pass
+        one that allows none, so callers cannot make them read their files)."""
         self.package = package
         self.config = config or GenerateConfig()
         engine = engine or EngineConfig()
@@ -344,7 +346,7 @@ class Generator:
         self.max_new_tokens = min(self.config.max_new_tokens, int(info["max_new_tokens"]))
         self.default_new_tokens = min(self.config.default_new_tokens or int(info["max_new_tokens"]),
                                       self.max_new_tokens)
-        self.preprocessor = Preprocessor.for_package(package, limits)
+        self.preprocessor = Preprocessor.for_package(package, limits, media)
         if backend is None:
             files = {g: package.path(f) for g, f in info["graphs"].items()}
             backend = OrtBackend(files, engine, self.config.io_binding)
