@@ -476,3 +476,15 @@ def test_generate_model_streams_the_generators_events(generative_package: Path, 
         mod.request_inputs(np.array(raws[:1], dtype=object), np.array([3, 4], dtype=np.int32))
     with pytest.raises(GenerationError, match="exceeds the limit"):
         next(mod.event_tensors(gen, raws, 10_000))
+
+
+def test_cpu_only_servers_load_the_generate_model(tmp_path: Path) -> None:
+    """``mmpipe serve --backend triton --cpu-only`` loads the python-backend
+    models, NAME_generate among them, and not the onnxruntime-backend ones."""
+    from deploy.triton.server import repository_model_names
+
+    for m in ("m", "m_cpu", "m_preprocess", "m_ensemble", "m_ensemble_cpu", "m_generate"):
+        (tmp_path / m).mkdir()
+        (tmp_path / m / "config.pbtxt").write_text(f'name: "{m}"\n')
+    assert repository_model_names(tmp_path, cpu_only=True) == ["m_cpu", "m_ensemble_cpu", "m_generate", "m_preprocess"]
+    assert sorted(repository_models("m", generate=True)["cpu"]) == repository_model_names(tmp_path, cpu_only=True)
