@@ -40,7 +40,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from pipeline.columnar import ColumnarBatch
-from pipeline.config import EngineConfig, GenerateConfig, Limits, Settings
+from pipeline.config import EngineConfig, GenerateConfig, Limits, MediaConfig, Settings
 from pipeline.errors import PackageError, Reason, RecordError
 from pipeline.log import log_event
 from pipeline.package import ModelPackage
@@ -337,9 +337,11 @@ class Generator:
 
     def __init__(self, package: ModelPackage, engine: EngineConfig | None = None,
                  config: GenerateConfig | None = None, limits: Limits | None = None,
-                 backend: DecoderBackend | None = None) -> None:
+                 backend: DecoderBackend | None = None, media: MediaConfig | None = None) -> None:
         """``backend``: another engine for the same graphs (the PyTorch
-        reference in parity checks and benchmarks); default ONNX Runtime."""
+        reference in parity checks and benchmarks); default ONNX Runtime.
+        ``media``: where records' media URIs may point (online servers pass
+        one that allows none, so callers cannot make them read their files)."""
         self.package = package
         self.config = config or GenerateConfig()
         engine = engine or EngineConfig()
@@ -355,7 +357,7 @@ class Generator:
         self.max_new_tokens = min(self.config.max_new_tokens, int(info["max_new_tokens"]))
         self.default_new_tokens = min(self.config.default_new_tokens or int(info["max_new_tokens"]),
                                       self.max_new_tokens)
-        self.preprocessor = Preprocessor.for_package(package, limits)
+        self.preprocessor = Preprocessor.for_package(package, limits, media)
         if backend is None:
             files = {g: package.path(f) for g, f in info["graphs"].items()}
             backend = OrtBackend(files, engine, self.config.io_binding)
