@@ -1,7 +1,7 @@
 """The batch job (Ray Data) vs a plain loop over the same Predictor and records.
 
-What Ray Data costs or gains: records/s of ``mmpipe batch`` (one decode
-task and one inference actor, a CPU each) against ``Predictor.predict_batch``
+What Ray Data costs or gains: records/s of ``mmpipe batch`` (its default
+batch settings: one actor per CPU, each running whole shards) against ``Predictor.predict_batch``
 in a loop over the same JSONL, same package (ONNX Runtime fp32), same batch
 size, measured in one run at each size; output to a local Delta table and to
 a Delta table on a versitygw S3 server on loopback; the job's peak memory
@@ -93,10 +93,11 @@ def run_job(package: Path, path: Path, out: str, batch: int, fs_options: dict | 
     summary plus the peak summed RSS of its processes."""
     ray_tmp = tempfile.mkdtemp(prefix="mmray-b-", dir="/tmp")
     cfg = Path(ray_tmp + ".yaml")
-    # One decode task and one inference actor, a CPU each (2 cores here); ONNX
-    # Runtime's threads follow the actor's CPUs.
-    batch_cfg = {"batch_size": batch, "concurrency": 1, "actor_num_cpus": 1, "num_cpus": 1, "progress": False,
-                 "shard_bytes": 4 * 2**20}
+    # The job as a user gets it: the default batch section (on CPUs, one actor
+    # per CPU, each reading, decoding, inferring and writing whole shards;
+    # ONNX Runtime's threads follow the actor's CPUs), only the batch size set
+    # to the loop's.
+    batch_cfg = {"batch_size": batch, "progress": False}
     if fs_options:
         batch_cfg["output_filesystem"] = fs_options
     cfg.write_text(json.dumps({"engine": {"kind": "onnxruntime", "device": "cpu"}, "batch": batch_cfg}))

@@ -1,6 +1,6 @@
 """Model package -> NVIDIA Triton model repository.
 
-One package becomes up to five Triton models (``NAME`` is the package name
+One package becomes up to six Triton models (``NAME`` is the package name
 unless ``model_name`` says otherwise)::
 
     REPO/
@@ -18,6 +18,10 @@ unless ``model_name`` says otherwise)::
         1/package/           record gets a reason code and its neighbours answer
       NAME_ensemble/         RECORD -> NAME_preprocess -> NAME
       NAME_ensemble_cpu/     RECORD -> NAME_preprocess -> NAME_cpu
+      NAME_generate/         decoupled python model (packages with an exported
+        config.pbtxt         generative head): raw records in, one response
+        1/model.py           per generated token out, with the package's own
+        1/package/           pipeline.generate.Generator
 
 Choices worth knowing (see also deploy/triton/README.md):
 
@@ -50,9 +54,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.errors import PackageError
-from pipeline.oip import PREPROCESS_OUTPUTS, RECORD, TOKEN_OFFSETS  # the runtime's names, one home
+from pipeline.oip import (  # the runtime's names, one home
+    GENERATE_INPUTS,
+    GENERATE_OUTPUTS,
+    GENERATE_SUFFIX,
+    PREPROCESS_OUTPUTS,
+    RECORD,
+    TOKEN_OFFSETS,
+)
 
 if TYPE_CHECKING:
+    from pipeline.config import GenerateConfig, Limits
     from pipeline.package import ModelPackage
 
 # numpy and pipeline.package are imported where used: `mmpipe --help` builds
@@ -257,6 +269,46 @@ def _check_onnx(path: Path, pkg: ModelPackage) -> None:
         )
 
 
+def _generate_variants(pkg: ModelPackage, config: GenerateConfig) -> list[str]:
+    """The ``generate-*`` variants ``NAME_generate`` may load with this
+    config (``auto`` picks fp16 on GPU instances, fp32 elsewhere: both are
+    copied where the package has them)."""
+    from pipeline.generate import generation_variant
+
+    wanted = ("fp32", "fp16") if config.variant == "auto" else (config.variant,)
+    out = []
+    for v in wanted:
+        if v == "fp16" and config.variant == "auto" and f"generate-{v}" not in pkg.manifest.variants:
+            continue
+        try:
+            generation_variant(pkg, v)
+        except PackageError as exc:
+            raise TritonRepoError(f"NAME_generate: {exc}") from None
+        out.append(f"generate-{v}")
+    return out
+
+
+def _generate_model(name: str, kind: InstanceKind, count: int, params: list[dict[str, Any]]) -> dict[str, Any]:
+    """``NAME_generate``'s config: the tensors of ``pipeline.oip``'s
+    generation contract (no batch axis: one request carries its records as
+    ``RECORD [n]`` and gets one ``[1]``-tensor response per token event),
+    decoupled so a request can get many responses."""
+    def dtype(datatype: str) -> str:
+        return "string" if datatype == "BYTES" else datatype.lower()
+
+    inputs = []
+    for iname, datatype, shape, optional in GENERATE_INPUTS:
+        t = _tensor(iname, dtype(datatype), list(shape))
+        inputs.append({**t, "optional": True} if optional else t)
+    return {
+        "name": f"{name}{GENERATE_SUFFIX}", "backend": "python", "max_batch_size": 0,
+        "input": inputs, "output": [_tensor(oname, dtype(datatype), [1]) for oname, datatype in GENERATE_OUTPUTS],
+        "model_transaction_policy": {"decoupled": True},
+        "instance_group": [{"name": f"{name}{GENERATE_SUFFIX}", "kind": Enum(_KINDS[kind]), "count": count}],
+        "parameters": params,
+    }
+
+
 def _default_pythonpath() -> str:
     import pipeline
 
@@ -284,6 +336,10 @@ def build_triton_repo(
     preprocess_instance_count: int = 2,
     cpu_instance_count: int = 1,
     pythonpath: str | None = None,
+    generate: bool | None = None,
+    generate_config: GenerateConfig | None = None,
+    limits: Limits | None = None,
+    generate_instance_count: int = 1,
 ) -> Path:
     """Write (or replace) one package's models in a Triton model repository.
 
@@ -297,8 +353,14 @@ def build_triton_repo(
     ``tensorrt`` adds the onnxruntime backend's TensorRT accelerator (GPU
     instances only).  ``cpu_python_backend`` adds ``NAME_cpu`` and
     ``NAME_ensemble_cpu``, which run anywhere the python backend does.
+
+    ``generate`` adds ``NAME_generate`` (None: when the package carries an
+    exported generative head); ``generate_config`` (the ``generate``
+    settings section) and ``limits`` are written into its parameters, and
+    its instances are placed by ``instance_kind``.
     """
-    from pipeline.package import MANIFEST, load_package, sha256_file
+    from pipeline.config import GenerateConfig
+    from pipeline.package import load_package, sha256_file
 
     pkg = load_package(package_dir)
     name = model_name or pkg.name
@@ -319,7 +381,7 @@ def build_triton_repo(
         raise TritonRepoError("max_queue_delay_us must be >= 0")
     if instance_kind not in _KINDS:
         raise TritonRepoError(f"instance_kind {instance_kind!r}: use one of {sorted(_KINDS)}")
-    if min(instance_count, preprocess_instance_count, cpu_instance_count) < 1:
+    if min(instance_count, preprocess_instance_count, cpu_instance_count, generate_instance_count) < 1:
         raise TritonRepoError("instance counts must be >= 1")
     if tensorrt and instance_kind == "cpu":
         raise TritonRepoError("tensorrt needs GPU instances; use instance_kind 'gpu' or 'auto'")
@@ -328,7 +390,14 @@ def build_triton_repo(
     if model_version < 1:
         raise TritonRepoError("model_version must be >= 1")
     policy = _version_policy(version_policy, model_version)
-    for src in ("preprocess/model.py", "onnxruntime_cpu/model.py"):
+    has_head = any(v.startswith("generate-") for v in pkg.manifest.variants)
+    if generate and not has_head:
+        raise TritonRepoError(f"package {pkg.name} has no exported generative head, so it cannot have "
+                              f"{name}{GENERATE_SUFFIX} (train with --generative, then mmpipe export)")
+    generate = has_head if generate is None else generate
+    gen_cfg = generate_config or GenerateConfig()
+    gen_variants = _generate_variants(pkg, gen_cfg) if generate else []
+    for src in ("preprocess/model.py", "onnxruntime_cpu/model.py", "generate/model.py"):
         if not (DEPLOY_DIR / src).is_file():
             raise TritonRepoError(f"python-backend model source {DEPLOY_DIR / src} is missing (mmpipe checkout?)")
 
@@ -381,6 +450,13 @@ def build_triton_repo(
         "parameters": [_param("MMPIPE_PYTHONPATH", pypath), _param("PACKAGE_DIR", "package"),
                        _param("ALLOWED_URI_SCHEMES", "")],
     }
+    if generate:
+        models[f"{name}{GENERATE_SUFFIX}"] = _generate_model(name, instance_kind, generate_instance_count, [
+            _param("MMPIPE_PYTHONPATH", pypath), _param("PACKAGE_DIR", "package"), _param("ALLOWED_URI_SCHEMES", ""),
+            _param("GENERATE", gen_cfg.model_dump_json(exclude_unset=True)),
+            _param("LIMITS", limits.model_dump_json(exclude_unset=True) if limits is not None else ""),
+            _param("ORT_INTRA_OP_THREADS", "0"),
+        ])
     extra_out = [t for t in pre_outputs if t["name"] in (*PREPROCESS_OUTPUTS, TOKEN_OFFSETS)]
     for ens, target in ((f"{name}_ensemble", name), (f"{name}_ensemble_cpu", f"{name}_cpu")):
         if target not in models:
@@ -427,15 +503,17 @@ def build_triton_repo(
             shutil.copyfile(DEPLOY_DIR / "onnxruntime_cpu" / "model.py", stage / f"{name}_cpu" / vdir / "model.py")
         pre = stage / f"{name}_preprocess" / vdir
         shutil.copyfile(DEPLOY_DIR / "preprocess" / "model.py", pre / "model.py")
-        (pre / "package").mkdir()
-        shutil.copyfile(pkg.root / MANIFEST, pre / "package" / MANIFEST)
-        if text is not None:
-            rel = "tokenizer/tokenizer.json"
-            (pre / "package" / "tokenizer").mkdir()
-            shutil.copyfile(pkg.path(rel), pre / "package" / rel)
+        text_files = ["tokenizer/tokenizer.json"] if text is not None else []
+        _copy_package_files(pkg, pre / "package", text_files)
+        if generate:
+            gen = stage / f"{name}{GENERATE_SUFFIX}" / vdir
+            shutil.copyfile(DEPLOY_DIR / "generate" / "model.py", gen / "model.py")
+            _copy_package_files(pkg, gen / "package",
+                                text_files + [f for v in gen_variants for f in pkg.variant(v).files])
         # Swap each model directory into place; a stale sibling from an
         # earlier build with other options (e.g. no CPU models) goes too.
-        for mname in (name, f"{name}_cpu", f"{name}_preprocess", f"{name}_ensemble", f"{name}_ensemble_cpu"):
+        for mname in (name, f"{name}_cpu", f"{name}_preprocess", f"{name}_ensemble", f"{name}_ensemble_cpu",
+                      f"{name}{GENERATE_SUFFIX}"):
             dst = repo / mname
             if dst.exists():
                 shutil.move(dst, stage / f".old-{mname}")
@@ -446,12 +524,29 @@ def build_triton_repo(
     return repo
 
 
-def repository_models(name: str, *, cpu_python_backend: bool = True) -> dict[str, list[str]]:
+def _copy_package_files(pkg: ModelPackage, dst: Path, files: list[str]) -> None:
+    """A partial package copy for a python model: the manifest and
+    ``files``, each checked against the manifest after copying (the model
+    verifies them again when it loads)."""
+    from pipeline.package import MANIFEST, sha256_file
+
+    dst.mkdir()
+    shutil.copyfile(pkg.root / MANIFEST, dst / MANIFEST)
+    for rel in dict.fromkeys(files):
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(pkg.path(rel), dst / rel)
+        if sha256_file(dst / rel) != pkg.manifest.files[rel]:
+            raise PackageError(f"{rel} changed while it was copied; rebuild the repository")
+
+
+def repository_models(name: str, *, cpu_python_backend: bool = True, generate: bool = False) -> dict[str, list[str]]:
     """Which models to load where: ``gpu`` servers (onnxruntime backend) and
-    ``cpu`` servers (python backend only)."""
-    out = {"gpu": [f"{name}_preprocess", name, f"{name}_ensemble"]}
+    ``cpu`` servers (python backend only); ``NAME_generate`` (python
+    backend) on both when the repository has it."""
+    gen = [f"{name}{GENERATE_SUFFIX}"] if generate else []
+    out = {"gpu": [f"{name}_preprocess", name, f"{name}_ensemble", *gen]}
     if cpu_python_backend:
-        out["cpu"] = [f"{name}_preprocess", f"{name}_cpu", f"{name}_ensemble_cpu"]
+        out["cpu"] = [f"{name}_preprocess", f"{name}_cpu", f"{name}_ensemble_cpu", *gen]
     return out
 
 
@@ -467,18 +562,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "  NAME_ensemble      RECORD bytes -> preprocess -> NAME (clients send raw records)\n"
         "  NAME_cpu           the same model on the python backend with onnxruntime (CPU servers)\n"
         "  NAME_ensemble_cpu  RECORD bytes -> preprocess -> NAME_cpu\n"
+        "  NAME_generate      RECORD bytes -> streamed tokens (decoupled python model; packages\n"
+        "                     with an exported generative head)\n"
         "The package is verified first; other models in the repository are left alone.",
         epilog="""\
 examples:
   mmpipe triton-repo --package packages/retail --out triton-repo
   mmpipe triton-repo --package packages/retail --out triton-repo --instance-kind gpu --instances 2 --tensorrt
   mmpipe triton-repo --package packages/retail --out triton-repo --variant onnx-int8 --instance-kind cpu
+  mmpipe triton-repo --package packages/medical --out triton-repo --config mmpipe.yaml   # generate + limits
 
 serve (GPU image with the onnxruntime backend):
   tritonserver --model-repository triton-repo
 serve (CPU, python backend only, e.g. the nvidia-pytriton wheel):
   tritonserver --model-repository triton-repo --model-control-mode explicit \\
-      --load-model NAME_preprocess --load-model NAME_cpu --load-model NAME_ensemble_cpu
+      --load-model NAME_preprocess --load-model NAME_cpu --load-model NAME_ensemble_cpu \\
+      --load-model NAME_generate
   mmpipe serve --backend triton --repository triton-repo --cpu-only   # the same (PATH or pytriton binary)""",
     )
     p.add_argument("--package", required=True, help="model package directory with an ONNX variant (mmpipe export)")
@@ -501,6 +600,12 @@ serve (CPU, python backend only, e.g. the nvidia-pytriton wheel):
     p.add_argument("--no-cpu-models", action="store_true", help="omit NAME_cpu and NAME_ensemble_cpu")
     p.add_argument("--pythonpath", help="where the python-backend models import mmpipe from on the server "
                    "(default: this checkout; '' = the server Python's own packages)")
+    p.add_argument("--config", "-c", metavar="YAML", help="mmpipe settings file: its 'generate' and 'limits' "
+                   "sections become NAME_generate's settings (default: built-in defaults)")
+    p.add_argument("--no-generate", action="store_true", help="omit NAME_generate even when the package has "
+                   "an exported generative head")
+    p.add_argument("--generate-instances", type=int, default=1, help="instances of NAME_generate (each decodes "
+                   "one request at a time)")
     p.set_defaults(func=cmd_triton_repo)
     return p
 
@@ -512,6 +617,14 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
         print(f"error: --preferred-batch-sizes {args.preferred_batch_sizes!r} is not a list of integers",
               file=sys.stderr)
         return 2
+    from pipeline.config import load_settings
+    from pipeline.errors import ConfigError
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         repo = build_triton_repo(
             args.package, args.out, variant=args.variant, max_batch_size=args.max_batch_size,
@@ -521,14 +634,18 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
             warmup=not args.no_warmup, version_policy=args.version_policy,
             cpu_python_backend=not args.no_cpu_models, model_name=args.name, model_version=args.model_version,
             preprocess_instance_count=args.preprocess_instances, pythonpath=args.pythonpath,
+            generate=False if args.no_generate else None, generate_config=settings.generate,
+            limits=settings.limits, generate_instance_count=args.generate_instances,
         )
     except TritonRepoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from pipeline.package import read_manifest
 
-    name = args.name or read_manifest(Path(args.package)).name
-    which = repository_models(name, cpu_python_backend=not args.no_cpu_models)
+    manifest = read_manifest(Path(args.package))
+    name = args.name or manifest.name
+    generate = not args.no_generate and any(v.startswith("generate-") for v in manifest.variants)
+    which = repository_models(name, cpu_python_backend=not args.no_cpu_models, generate=generate)
     print(f"Triton models for {name} written to {repo}")
     print(json.dumps(which, indent=2))
     return 0

@@ -27,6 +27,7 @@ the raw record (possibly patient data) is gone once it is decoded.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -136,6 +137,8 @@ class ColumnarBatch:
     pad_id: int = 0
     fixed_length: int | None = None
     """pad text to exactly this many tokens (models without an attention mask)"""
+    messages: list[list[dict[str, str]] | None] | None = None
+    """each row's conversation for a generative head (None: no row has one)"""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -198,6 +201,8 @@ class ColumnarBatch:
             offsets=offs,
             rejected=Rejected.concat([b.rejected for b in batches], offsets),
             size=int(sum(b.size for b in batches)),
+            messages=None if all(b.messages is None for b in batches) else
+            [m for b in batches for m in (b.messages if b.messages is not None else [None] * len(b))],
         )
 
     def split(self, sizes: Sequence[int]) -> list[ColumnarBatch]:
@@ -225,6 +230,7 @@ class ColumnarBatch:
             features={k: v[idx] for k, v in self.features.items()}, presence=self.presence[idx],
             preprocess_ms=self.preprocess_ms[idx], lengths=self.lengths[idx] if self.lengths is not None else None,
             offsets=self.offsets[idx] if self.offsets is not None else None, rejected=Rejected(),
+            messages=[self.messages[i] for i in idx] if self.messages is not None else None,
         )
         out._trim()
         return out
@@ -248,6 +254,27 @@ class ColumnarBatch:
     def sizes(self) -> list[int]:
         return [self.size]
 
+    def rows(self) -> list[Prepared]:
+        """The accepted rows as :class:`~pipeline.preprocess.Prepared` again
+        (the inverse of the collate; a missing modality's zeros are kept,
+        which collating again gives anyway), for a consumer that takes
+        records one by one: the generator, which pads its own batches."""
+        from pipeline.preprocess import Prepared
+
+        out = []
+        for i, rid in enumerate(self.ids):
+            feats = {k: v[i] for k, v in self.features.items() if k != TEXT}
+            offsets: list[tuple[int, int]] = []
+            if TEXT in self.features and self.lengths is not None:
+                n = int(self.lengths[i])
+                feats[TEXT] = self.features[TEXT][i, :n]
+                if self.offsets is not None:
+                    offsets = [(int(a), int(b)) for a, b in self.offsets[i, :n]]
+            present = {m: bool(self.presence[i, j]) for j, m in enumerate(self.modalities)}
+            out.append(Prepared(rid, self.workload, feats, present, offsets, float(self.preprocess_ms[i]),
+                                self.messages[i] if self.messages is not None else None))
+        return out
+
     # -- to the engine ---------------------------------------------------------------------------------------
     def canonical(self) -> dict[str, np.ndarray]:
         """Model inputs under mmpipe's own names (``input_ids``,
@@ -262,21 +289,28 @@ class ColumnarBatch:
         out["presence"] = self.presence
         return out
 
+    def row_ids(self) -> np.ndarray:
+        """Every input record's id in position order, accepted or rejected."""
+        ids = np.empty(self.size, dtype=object)
+        ids[self.positions] = self.ids
+        ids[self.rejected.positions] = self.rejected.ids
+        return ids
+
     # -- block form (Ray Data, Arrow) ------------------------------------------------------------------------
-    def to_block(self, max_length: int | None = None) -> dict[str, np.ndarray]:
+    def to_block(self, max_length: int | None = None, *, messages: bool = False) -> dict[str, np.ndarray]:
         """Numpy columns, one row per input record in position order
         (rejected records as rows with their reason and zero features), as a
         Ray Data block.  Text is padded to ``max_length`` (a fixed width, so
-        blocks of different batches stack without per-row objects)."""
+        blocks of different batches stack without per-row objects).
+        ``messages``: add each row's conversation as JSON text ("" for none),
+        for a generative head downstream."""
         n = self.size
         order = np.full(n, -1, dtype=np.int64)
         order[self.positions] = np.arange(len(self))
         ok = order >= 0
         src = np.where(ok, order, 0)
         out: dict[str, np.ndarray] = {}
-        ids = np.empty(n, dtype=object)
-        ids[self.positions] = self.ids
-        ids[self.rejected.positions] = self.rejected.ids
+        ids = self.row_ids()
         code = np.full(n, "", dtype=object)
         msg = np.full(n, "", dtype=object)
         code[self.rejected.positions] = self.rejected.codes
@@ -304,6 +338,11 @@ class ColumnarBatch:
             out["n_tokens"] = rows(self.lengths)
         if self.offsets is not None:
             out["offsets"] = rows(pad_to(self.offsets, 1, max_length or self.offsets.shape[1], 0))
+        if messages:
+            conv = np.full(n, "", dtype=object)
+            for row, m in zip(self.positions.tolist(), self.messages or [], strict=False):
+                conv[row] = json.dumps(m) if m else ""
+            out["messages"] = conv
         return out
 
     @classmethod
@@ -321,13 +360,17 @@ class ColumnarBatch:
         feats = {k: np.asarray(block[k])[sel] for k in (TEXT, *FIXED_FEATURES) if k in block}
         lengths = np.asarray(block["n_tokens"])[sel].astype(np.int32) if "n_tokens" in block else None
         offsets = np.asarray(block["offsets"])[sel] if "offsets" in block else None
+        conv = None
+        if "messages" in block:
+            texts = [str(block["messages"][i]) for i in sel]
+            conv = [json.loads(t) if t else None for t in texts] if any(texts) else None
         out = cls(
             workload, tuple(modalities), [str(ids[i]) for i in sel], sel.astype(np.int64), feats,
             np.asarray(block["presence"], dtype=np.float32)[sel],
             np.asarray(block["preprocess_ms"], dtype=np.float32)[sel], lengths, offsets,
             Rejected(bad.astype(np.int64), [str(ids[i]) for i in bad], [str(codes[i]) for i in bad],
                      [str(block["error_message"][i]) for i in bad]),
-            size=n, pad_id=pad_id, fixed_length=fixed_length,
+            size=n, pad_id=pad_id, fixed_length=fixed_length, messages=conv,
         )
         out._trim()
         return out
@@ -355,6 +398,7 @@ class BatchBuilder:
         self.positions: list[int] = []
         self.rejected = Rejected()
         self.size = 0
+        self.messages: list[list[dict[str, str]] | None] = []
         self._alloc()
 
     def _alloc(self) -> None:
@@ -401,6 +445,7 @@ class BatchBuilder:
                 self.offs[i, : len(p.offsets)] = p.offsets
         self.ids.append(p.id)
         self.positions.append(position)
+        self.messages.append(p.messages)
         self.n += 1
         self.size = max(self.size, position + 1)
 
@@ -420,7 +465,7 @@ class BatchBuilder:
         return ColumnarBatch(
             self.workload, self.modalities, self.ids, np.asarray(self.positions, dtype=np.int64), feats,
             self.presence[:n], self.pre_ms[:n], lengths, offsets, self.rejected, self.size,
-            self.pad_id, self.fixed_length,
+            self.pad_id, self.fixed_length, self.messages if any(m is not None for m in self.messages) else None,
         )
 
 

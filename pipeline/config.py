@@ -111,13 +111,22 @@ class BatchConfig(_Strict):
     actor holds one loaded model (and its GPU share) for the whole job."""
 
     batch_size: int = Field(32, gt=0, description="records per engine call in an inference actor")
-    concurrency: int = Field(1, gt=0, description="inference actors (the minimum when max_concurrency is set)")
+    decode_in: Literal["auto", "actor", "tasks"] = Field(
+        "auto", description="where records are decoded: 'actor' (each inference actor reads, decodes, infers and "
+        "writes whole shards: no decoded tensors cross processes), 'tasks' (separate CPU tasks feed the actors: "
+        "for GPU actors, which should not wait on decoding); auto: tasks when num_gpus > 0, else actor")
+    concurrency: int | None = Field(
+        None, gt=0, description="inference actors (the minimum when max_concurrency is set); default: with "
+        "decode_in actor, as many as the cluster's CPUs hold (CPUs / actor_num_cpus), else 1")
     max_concurrency: int | None = Field(
         None, gt=0, description="autoscale the actor pool between concurrency and this many actors"
     )
     num_gpus: float = Field(0.0, ge=0, description="GPUs per inference actor (fractions share a GPU)")
     actor_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per inference actor")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per decode task")
+    decode_threads: int | None = Field(
+        None, gt=0, description="media-decoding threads inside a decode task (default: its whole CPUs, at least 1; "
+        "decode parallelism comes from concurrent tasks, which the GIL does not serialise)")
     decode_memory_mb: int = Field(256, gt=0, description="memory reserved per decode task (Ray scheduling), MiB")
     shard_bytes: int = Field(
         4 * 2**20, gt=0,
@@ -139,6 +148,20 @@ class BatchConfig(_Strict):
         description="options for the output's pyarrow filesystem (and the Delta commit), e.g. {endpoint_override: "
         "127.0.0.1:9000, scheme: http, access_key: ..., secret_key: ...}; default: the input's options",
     )
+
+    def decode_mode(self) -> str:
+        """``decode_in`` resolved: 'actor' or 'tasks'."""
+        if self.decode_in != "auto":
+            return self.decode_in
+        return "tasks" if self.num_gpus > 0 else "actor"
+
+    def actors(self, cluster_cpus: float) -> int:
+        """The actor pool's minimum size for a cluster with this many CPUs."""
+        if self.concurrency is not None:
+            return self.concurrency
+        if self.decode_mode() == "actor":
+            return max(1, int(cluster_cpus // self.actor_num_cpus))
+        return 1
 
     def output_options(self) -> dict[str, Any]:
         """The output store's filesystem options (the input's unless set apart)."""

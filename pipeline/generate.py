@@ -33,18 +33,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from pipeline.config import EngineConfig, GenerateConfig, Limits
+from pipeline.columnar import ColumnarBatch
+from pipeline.config import EngineConfig, GenerateConfig, Limits, MediaConfig, Settings
 from pipeline.errors import PackageError, Reason, RecordError
 from pipeline.log import log_event
 from pipeline.package import ModelPackage
 from pipeline.preprocess import Prepared, Preprocessor
 from pipeline.records import ErrorInfo, Message, Record
+from pipeline.results import ResultBatch
 from pipeline.tokenizer import DecoderTokenizer
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,15 @@ class GenerationResult(BaseModel):
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def as_generated(self) -> dict[str, Any]:
+        """The ``generated`` field of a record's result on the batch job and
+        the stream (:class:`~pipeline.records.GeneratedText`): text and
+        finish reason, and the error when this record could not be answered."""
+        out: dict[str, Any] = {"text": self.text, "finish_reason": self.finish_reason}
+        if self.error is not None:
+            out["error"] = self.error.model_dump()
+        return out
 
 
 @dataclass(frozen=True)
@@ -326,9 +337,11 @@ class Generator:
 
     def __init__(self, package: ModelPackage, engine: EngineConfig | None = None,
                  config: GenerateConfig | None = None, limits: Limits | None = None,
-                 backend: DecoderBackend | None = None) -> None:
+                 backend: DecoderBackend | None = None, media: MediaConfig | None = None) -> None:
         """``backend``: another engine for the same graphs (the PyTorch
-        reference in parity checks and benchmarks); default ONNX Runtime."""
+        reference in parity checks and benchmarks); default ONNX Runtime.
+        ``media``: where records' media URIs may point (online servers pass
+        one that allows none, so callers cannot make them read their files)."""
         self.package = package
         self.config = config or GenerateConfig()
         engine = engine or EngineConfig()
@@ -344,7 +357,7 @@ class Generator:
         self.max_new_tokens = min(self.config.max_new_tokens, int(info["max_new_tokens"]))
         self.default_new_tokens = min(self.config.default_new_tokens or int(info["max_new_tokens"]),
                                       self.max_new_tokens)
-        self.preprocessor = Preprocessor.for_package(package, limits)
+        self.preprocessor = Preprocessor.for_package(package, limits, media)
         if backend is None:
             files = {g: package.path(f) for g, f in info["graphs"].items()}
             backend = OrtBackend(files, engine, self.config.io_binding)
@@ -425,6 +438,7 @@ class Generator:
     def _prepare(self, item: Any, messages: Any) -> tuple[Prepared, list[int]]:
         if isinstance(item, Prepared):
             prepared = item
+            messages = item.messages if messages is None else messages
         else:
             rec: Record = self.preprocessor.parse(item)
             messages = rec.messages if messages is None else messages
@@ -475,6 +489,44 @@ class Generator:
             yield TokenEvent(index, prepared.id, token_id=None if stop else tok, text=delta,
                              finish_reason=reason, prompt_tokens=len(prompt))
             live[row] = not finished[row]
+
+
+# -- beside the tagging heads (the batch job, the stream) ---------------------------------------
+def check_enabled(package: ModelPackage, cfg: GenerateConfig) -> None:
+    """Refuse ``generate.enabled`` at start when the package cannot generate
+    (no exported head, or not the variant asked for), before any record is read."""
+    if not cfg.enabled:
+        return
+    try:
+        generation_variant(package, "fp32" if cfg.variant == "auto" else cfg.variant)
+    except PackageError as exc:
+        if cfg.variant == "auto" and any(v.startswith("generate-") for v in package.manifest.variants):
+            return  # auto picks what the package has
+        raise PackageError(f"generate.enabled is true but {exc}") from None
+
+
+def generator_for(package: ModelPackage, settings: Settings, engine: EngineConfig | None = None
+                  ) -> Generator | None:
+    """The Generator a path runs beside its Predictor when
+    ``generate.enabled`` (on ``engine``, default the settings'); None
+    (nothing loaded, no cost) when it is off."""
+    if not settings.generate.enabled:
+        return None
+    check_enabled(package, settings.generate)
+    return Generator(package, engine or settings.engine, settings.generate, settings.limits)
+
+
+def add_generated(generator: Generator, batch: ColumnarBatch, results: ResultBatch) -> ResultBatch:
+    """``results`` with each answered record's generated text (its result's
+    ``generated`` field).  The generator runs on the rows the Predictor
+    answered, with each row's own conversation; a rejected record keeps its
+    error and gets no text.  One home for the batch job and the stream."""
+    answered = set(results.positions.tolist())
+    rows = [i for i, p in enumerate(batch.positions.tolist()) if p in answered]
+    part = batch.take(rows)
+    by_pos = {int(p): g.as_generated()
+              for p, g in zip(part.positions.tolist(), generator.generate(part.rows()) if rows else [], strict=True)}
+    return replace(results, generated=[by_pos[int(p)] for p in results.positions.tolist()])
 
 
 def _item_id(item: Any) -> str:

@@ -268,6 +268,21 @@ def load_package(root: str | Path, *, trusted_digest: str | None = None) -> Mode
     return ModelPackage(r, manifest, digest)
 
 
+def load_package_copy(root: str | Path) -> ModelPackage:
+    """A partial copy of a package (a Triton python model's ``package/``:
+    the manifest and only the files that model needs).  Every file present
+    is verified against the manifest's sha256; absent ones are allowed, and
+    :meth:`ModelPackage.path` still names them, so a model needing a file
+    its copy lacks fails when it opens it."""
+    r = Path(root)
+    manifest = read_manifest(r)
+    for rel, digest in manifest.files.items():
+        path = _safe_rel(r, rel)
+        if path.is_file() and sha256_file(path) != digest:
+            raise PackageError(f"checksum mismatch for {rel} in {r} (file altered or corrupt)")
+    return ModelPackage(r, manifest)
+
+
 def write_manifest(root: Path, manifest: Manifest) -> None:
     """Recompute every listed checksum and write the manifest atomically."""
     manifest.files = {rel: sha256_file(_safe_rel(root, rel)) for rel in sorted(manifest.files)}

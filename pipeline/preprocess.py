@@ -38,6 +38,8 @@ class Prepared:
     present: dict[str, bool]
     offsets: list[tuple[int, int]] = field(default_factory=list)
     preprocess_ms: float = 0.0
+    messages: list[dict[str, str]] | None = None
+    """the record's conversation, for a generative head (tagging ignores it)"""
 
 
 class Preprocessor:
@@ -200,6 +202,7 @@ class Preprocessor:
             present=present,
             offsets=offsets,
             preprocess_ms=(time.perf_counter() - t0) * 1000.0,
+            messages=[m.model_dump() for m in rec.messages] if rec.messages else None,
         )
 
     def _check_modalities(self, rec: Record) -> Record:

@@ -98,6 +98,16 @@ class HeadResult(BaseModel):
     spans: list[TokenSpan] | None = None
 
 
+class GeneratedText(BaseModel):
+    """What a generative head wrote for a record the tagging heads answered
+    (the batch job's and the stream's results, with ``generate.enabled``).
+    ``text`` is record content (patient data for medical): never logged."""
+
+    text: str | None = Field(None, repr=False)
+    finish_reason: Literal["stop", "length"] | None = None
+    error: ErrorInfo | None = None
+
+
 class Result(BaseModel):
     id: str
     workload: str | None = None
@@ -108,6 +118,7 @@ class Result(BaseModel):
     heads: dict[str, HeadResult] | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
     error: ErrorInfo | None = None
+    generated: GeneratedText | None = None
 
     @property
     def ok(self) -> bool:

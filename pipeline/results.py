@@ -49,6 +49,9 @@ class ResultBatch:
     """stage -> milliseconds per accepted row (preprocess, infer, postprocess)"""
     rejected: Rejected = field(default_factory=Rejected)
     size: int = 0
+    generated: list[dict[str, Any]] | None = None
+    """per accepted row, what a generative head wrote (the ``generated``
+    field of its result: text, finish reason, error); None: not asked for"""
 
     def __len__(self) -> int:
         return self.size
@@ -72,6 +75,8 @@ class ResultBatch:
             positions=np.concatenate([p.positions for p in parts]), heads=heads,
             timings={k: np.concatenate([p.timings[k] for p in parts]) for k in first.timings},
             rejected=rej, size=size if size is not None else max(p.size for p in parts),
+            generated=None if any(p.generated is None for p in parts) else
+            [g for p in parts for g in p.generated or []],
         )
 
     @classmethod
@@ -98,6 +103,7 @@ class ResultBatch:
                 self, ids=[self.ids[i] for i in sel], positions=self.positions[sel] - start,
                 heads=[h.take(sel) for h in self.heads], timings={k: v[sel] for k, v in self.timings.items()},
                 rejected=part_rej, size=n,
+                generated=[self.generated[i] for i in sel] if self.generated is not None else None,
             ))
             start += n
         return out
@@ -130,6 +136,8 @@ class ResultBatch:
                 d = {"id": self.ids[row], **base,
                      "heads": {n: per_head[j][row] for j, n in enumerate(names)},
                      "timings_ms": {k: times[k][row] for k in stages}}
+                if self.generated is not None:
+                    d["generated"] = self.generated[row]
             elif row >= 0:
                 r = self.rejected
                 d = {"id": r.ids[row], **base, "timings_ms": {},

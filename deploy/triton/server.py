@@ -190,11 +190,11 @@ def install_onnxruntime_standin(tree: Path, model_py: Path) -> None:
 def repository_model_names(repo: Path, *, cpu_only: bool = False) -> list[str]:
     """The models of a repository (directories with a ``config.pbtxt``);
     ``cpu_only``: only those the python backend serves (``*_cpu``,
-    ``*_preprocess``, ``*_ensemble_cpu``), for servers without the
-    onnxruntime backend."""
+    ``*_preprocess``, ``*_ensemble_cpu``, ``*_generate``), for servers
+    without the onnxruntime backend."""
     names = sorted(p.parent.name for p in Path(repo).glob("*/config.pbtxt") if not p.parent.name.startswith("."))
     if cpu_only:
-        names = [n for n in names if n.endswith(("_cpu", "_preprocess"))]
+        names = [n for n in names if n.endswith(("_cpu", "_preprocess", "_generate"))]
     return names
 
 

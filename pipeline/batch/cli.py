@@ -124,9 +124,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser(
         "batch", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="tag files of records (or media folders) with a Ray Data job, to Parquet",
-        description="The nightly tagging job.  Reads records, decodes them in Ray Data CPU tasks, runs\n"
-        "the model in an actor pool (batch.concurrency actors, batch.num_gpus each, ONNX Runtime\n"
-        "or a Triton fleet), and writes Parquet partitioned by run date and workload.  Every\n"
+        description="The nightly tagging job.  Reads records and runs the model in a Ray Data actor pool\n"
+        "(on CPUs, by default, one actor per CPU, each reading, decoding, inferring and writing\n"
+        "whole shards; with batch.num_gpus, decoding runs in CPU tasks that feed the GPU actors),\n"
+        "and writes Parquet partitioned by run date and workload.  Every\n"
         "input record ends up as a result row or an error row with its reason code, and the\n"
         "summary checks records in = results + errors.  Runs on a local Ray, or on the cluster\n"
         "named by RAY_ADDRESS.  Metrics go to a Pushgateway when batch.pushgateway_url is set.",
@@ -147,7 +148,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto: by file suffix; a folder without .jsonl/.parquet files is a media folder")
     b.add_argument("--engine", choices=["auto", "onnxruntime", "triton", "torch"], help="override engine.kind")
     b.add_argument("--batch-size", type=int, help="override batch.batch_size (records per engine call)")
-    b.add_argument("--concurrency", type=int, help="override batch.concurrency (inference actors)")
+    b.add_argument("--concurrency", type=int, help="override batch.concurrency (inference actors; default: one per CPU "
+                   "on CPU clusters)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     b.set_defaults(func=cmd_batch)

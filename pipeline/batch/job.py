@@ -1,10 +1,13 @@
 """``mmpipe batch``: the Ray Data job, from planning to the published run.
 
     plan shards (driver, metadata only) -> skip shards already done (--resume)
-    -> Ray Data: from_items(shards) -> map_batches(decode_shards) in CPU tasks
-       -> map_batches(InferActor) in an actor pool (concurrency, num_gpus)
-    -> the driver gathers each shard's rows, writes its Parquet files and
-       done marker to staging -> summary -> one atomic swap -> Pushgateway
+    -> Ray Data: from_items(shards)
+       -> map_batches(ShardActor) in an actor pool: each actor reads, decodes,
+          infers and writes whole shards (batch.decode_in: actor, the CPU default)
+       or map_batches(decode_shards) in CPU tasks -> map_batches(InferActor)
+          in an actor pool (decode_in: tasks, the default for GPU actors)
+    -> the driver tracks which shards' files are written, writes each shard's
+       done marker -> summary -> one Delta commit -> Pushgateway
 
 Ray Data executes streaming: shards are read, decoded and inferred a few at
 a time with backpressure between stages, so memory follows the number of
@@ -34,10 +37,11 @@ from typing import Any
 from pipeline.batch.inputs import InputFormat, Shard, open_filesystem, plan_shards
 from pipeline.batch.output import RunOutput
 from pipeline.batch.pushgateway import push_job_metrics
-from pipeline.batch.stages import PIECE_FIELDS, InferActor, decode_shards, settings_json
+from pipeline.batch.stages import PIECE_FIELDS, InferActor, ShardActor, decode_shards, settings_json
 from pipeline.batch.summary import aggregate
 from pipeline.config import Settings
 from pipeline.errors import PackageError
+from pipeline.generate import check_enabled
 from pipeline.log import log_event
 from pipeline.package import ModelPackage, load_package
 
@@ -81,14 +85,18 @@ def _ray_init(settings: Settings) -> tuple[bool, str | None, str]:
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
     address = os.environ.get("RAY_ADDRESS")
+    # Workers' own output reaches the driver only at DEBUG: forwarding it
+    # costs a log monitor and the driver CPU that the job's stages need, and
+    # every record-level problem already comes back as an error row.
+    to_driver = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=to_driver)
         return True, None, address
     # A private temp dir: never attach to someone else's local cluster, and
     # keep socket paths short.
     tmp = tempfile.mkdtemp(prefix="mmray-", dir=os.environ.get("RAY_TMPDIR") or "/tmp")
     ray.init(num_cpus=settings.batch.ray_num_cpus or os.cpu_count() or 1, include_dashboard=False,
-             _temp_dir=tmp, logging_level=logging.WARNING)
+             _temp_dir=tmp, logging_level=logging.WARNING, log_to_driver=to_driver)
     return True, tmp, "local"
 
 
@@ -164,6 +172,7 @@ class _Collector:
         self.records = 0
         self.errors = 0
         self.engine: str | None = None  # "name (provider)" as the actors report it
+        self.actors: int | None = None  # the actor pool's minimum size
 
     def add(self, batch: dict[str, Any]) -> int:
         """Take the pieces one inference call wrote; returns how many shards they completed."""
@@ -238,12 +247,17 @@ def _execute(settings: Settings, package: ModelPackage, input_uri: str, todo: li
                 raise BatchJobError(msg + " (set batch.num_gpus: 0 on CPU machines)")
             log_event(logger, logging.WARNING, "no_gpus_yet", detail=msg)
         cpus = ray.cluster_resources().get("CPU", 0)
-        need = max(cfg.concurrency, cfg.max_concurrency or 0) * cfg.actor_num_cpus + cfg.num_cpus
+        mode = cfg.decode_mode()
+        actors = cfg.actors(cpus)
+        if cfg.concurrency is None:  # no more actors than shards to give them
+            actors = max(1, min(actors, len(todo)))
+        top = max(actors, cfg.max_concurrency or 0)
+        need = top * cfg.actor_num_cpus + (cfg.num_cpus if mode == "tasks" else 0)
         if need > cpus:
-            # The actors would hold every CPU and no decode task could run: a hang, not a slow job.
-            msg = (f"{max(cfg.concurrency, cfg.max_concurrency or 0)} inference actors x batch.actor_num_cpus="
-                   f"{cfg.actor_num_cpus} + one decode task (batch.num_cpus={cfg.num_cpus}) need {need:g} CPUs; "
-                   f"the Ray cluster has {cpus:g}")
+            # Actors that cannot all be placed (or that leave no CPU for a decode task) hang, not slow, the job.
+            msg = (f"{top} inference actors x batch.actor_num_cpus={cfg.actor_num_cpus}"
+                   + (f" + one decode task (batch.num_cpus={cfg.num_cpus})" if mode == "tasks" else "")
+                   + f" need {need:g} CPUs; the Ray cluster has {cpus:g}")
             if address in ("local", "existing"):
                 raise BatchJobError(msg + " (lower batch.concurrency or batch.actor_num_cpus)")
             log_event(logger, logging.WARNING, "cluster_too_small_yet", detail=msg)
@@ -254,20 +268,28 @@ def _execute(settings: Settings, package: ModelPackage, input_uri: str, todo: li
         sj = settings_json(settings)
         common = {"settings_json": sj, "package_dir": str(package.root), "digest": package.digest}
         ds = ray.data.from_items([s.row() for s in todo], override_num_blocks=len(todo))
-        # One shard per decode call and one block per shard: few, large
-        # blocks.  Decode tasks reserve memory for a shard's tensors; that
-        # also keeps Ray Data from fusing decode into the inference actors
-        # (it fuses stages with equal resource requests), which would
-        # serialise the two in one process and put decoding on GPU nodes.
-        ds = ds.map_batches(decode_shards, batch_size=1, batch_format="numpy", num_cpus=cfg.num_cpus,
-                            memory=cfg.decode_memory_mb * 2**20, fn_kwargs={**common, "input_uri": input_uri})
-        pool = ActorPoolStrategy(min_size=cfg.concurrency, max_size=max(cfg.concurrency, cfg.max_concurrency or 0))
-        # batch_size=None: an actor takes decoded blocks whole and writes each
-        # shard's rows as one file (a block Ray split is written in pieces).
-        ds = ds.map_batches(InferActor, batch_size=None, batch_format="numpy", compute=pool,
-                            num_cpus=cfg.actor_num_cpus, num_gpus=cfg.num_gpus or None,
-                            fn_constructor_kwargs={**common, "out_dir": out.data_dir, "out_uri": out.uri})
+        pool = ActorPoolStrategy(min_size=actors, max_size=top)
+        out_kw = {"out_dir": out.data_dir, "out_uri": out.uri}
+        if mode == "actor":
+            # Each actor runs whole shards: read, decode, infer, write.
+            ds = ds.map_batches(ShardActor, batch_size=1, batch_format="numpy", compute=pool,
+                                num_cpus=cfg.actor_num_cpus, fn_constructor_kwargs={**common, **out_kw,
+                                                                                     "input_uri": input_uri})
+        else:
+            # One shard per decode call and one block per shard: few, large
+            # blocks.  Decode tasks reserve memory for a shard's tensors; that
+            # also keeps Ray Data from fusing decode into the inference actors
+            # (it fuses stages with equal resource requests), which would put
+            # decoding on GPU nodes.
+            ds = ds.map_batches(decode_shards, batch_size=1, batch_format="numpy", num_cpus=cfg.num_cpus,
+                                memory=cfg.decode_memory_mb * 2**20, fn_kwargs={**common, "input_uri": input_uri})
+            # batch_size=None: an actor takes decoded blocks whole and writes each
+            # shard's rows as one file (a block Ray split is written in pieces).
+            ds = ds.map_batches(InferActor, batch_size=None, batch_format="numpy", compute=pool,
+                                num_cpus=cfg.actor_num_cpus, num_gpus=cfg.num_gpus or None,
+                                fn_constructor_kwargs={**common, **out_kw})
         collector = _Collector(out, {s.key: s for s in todo})
+        collector.actors = actors
         bar = _progress(progress, len(todo))
         t1 = time.perf_counter()
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Data configures itself on first use
@@ -296,6 +318,7 @@ def run_batch(settings: Settings, opts: JobOptions) -> dict[str, Any]:
     if package_dir is None:
         raise PackageError("no model package given: pass --package or set model_package in the config")
     package = load_package(package_dir)  # verifies checksums before any worker starts
+    check_enabled(package, settings.generate)  # generate.enabled without a generative head: refused now
     workload = package.spec.name
     run_date = _run_date(opts.run_date)
     cfg = settings.batch
@@ -315,11 +338,11 @@ def run_batch(settings: Settings, opts: JobOptions) -> dict[str, Any]:
         log_event(logger, logging.INFO, "batch_planned", workload=workload, run_date=run_date, shards=len(shards),
                   todo=len(todo), resume=opts.resume)
         times: dict[str, float] = {"plan": t_plan}
-        attempt_records, address, engine_used = 0, "none (nothing to do)", None
+        attempt_records, address, engine_used, actors_used = 0, "none (nothing to do)", None, None
         if todo:
             collector, run_times, address = _execute(settings, package, input_uri, todo, out, progress)
             times.update(run_times)
-            attempt_records, engine_used = collector.records, collector.engine
+            attempt_records, engine_used, actors_used = collector.records, collector.engine, collector.actors
         markers = [m for k, m in out.done_markers().items() if k in keys]
         if len(markers) != len(shards):
             raise BatchJobError(f"only {len(markers)} of {len(shards)} shards are done; nothing was published")
@@ -346,13 +369,14 @@ def run_batch(settings: Settings, opts: JobOptions) -> dict[str, Any]:
                               {**times, "decode": agg["decode_s"], "infer": agg["infer_s"]}.items()},
             "labels": agg["labels"],
             "nodes": agg["nodes"],
-            "ray": {"address": address, "concurrency": cfg.concurrency, "max_concurrency": cfg.max_concurrency,
+            "ray": {"address": address, "decode_in": cfg.decode_mode(), "concurrency": actors_used,
+                    "max_concurrency": cfg.max_concurrency,
                     "num_gpus": cfg.num_gpus, "batch_size": cfg.batch_size},
         })
         if not summary["counts_match"]:
             raise BatchJobError("records in != results + errors; nothing was published")
         t_commit = time.perf_counter()
-        summary["delta_version"] = out.commit(markers, summary)
+        summary["delta_version"] = out.commit(markers, summary, generated=settings.generate.enabled)
         summary["stage_seconds"]["commit"] = round(time.perf_counter() - t_commit, 3)
         log_event(logger, logging.INFO, "batch_published", workload=workload, run_date=run_date,
                   records=agg["records_in"], results=agg["results"], errors=agg["errors"],

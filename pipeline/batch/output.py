@@ -58,12 +58,26 @@ FILE_SCHEMA = pa.schema([
     ("provider", pa.string()), ("labels", LABEL_TYPE), ("result", pa.string()),
     ("preprocess_ms", pa.float64()), ("infer_ms", pa.float64()), ("postprocess_ms", pa.float64()),
 ])
+GENERATED_FIELDS = (pa.field("generated_text", pa.string()), pa.field("generated_finish_reason", pa.string()))
+"""With ``generate.enabled``: what the generative head wrote (null for a
+rejected record, and for one the head could not answer: its ``result``
+JSON's ``generated.error`` says why) and why it stopped (stop / length)."""
 PARTITIONS = ("run_date", "workload")
 TABLE_SCHEMA = pa.schema([*FILE_SCHEMA, *(pa.field(p, pa.string()) for p in PARTITIONS)])
 RESULT_COLUMNS = ("id", "model", "model_version", "engine", "provider", "labels", "result", "source", "position",
                   "preprocess_ms", "infer_ms", "postprocess_ms", *PARTITIONS)
 ERROR_COLUMNS = ("id", "error_code", "error_message", "source", "position", "model", "model_version", *PARTITIONS)
 META_DIR = "_mmpipe"
+
+
+def file_schema(generated: bool) -> pa.Schema:
+    """A data file's columns: the generated-text columns only when the run generates."""
+    return pa.schema([*FILE_SCHEMA, *GENERATED_FIELDS]) if generated else FILE_SCHEMA
+
+
+def table_schema(generated: bool) -> pa.Schema:
+    """The table's columns (data columns, then the partitions)."""
+    return pa.schema([*file_schema(generated), *(pa.field(p, pa.string()) for p in PARTITIONS)])
 
 
 class OutputError(RuntimeError):
@@ -182,9 +196,12 @@ class RunOutput:
             log_event(logger, logging.WARNING, "resume_dropped_shards", run=self.rel, shards=len(dropped))
 
     # -- publishing ------------------------------------------------------------------------------------------
-    def commit(self, markers: list[dict[str, Any]], summary: dict[str, Any]) -> int:
+    def commit(self, markers: list[dict[str, Any]], summary: dict[str, Any], *, generated: bool = False) -> int:
         """Publish the run: one Delta commit replacing the run's partition
-        with the files the markers list.  Returns the table version."""
+        with the files the markers list.  Returns the table version.
+        ``generated``: the run wrote the generated-text columns; the table
+        gains them (older files read them as null) and keeps them once it
+        has them, so a later run without generation hides no earlier text."""
         from deltalake import CommitProperties, DeltaTable
         from deltalake.exceptions import TableNotFoundError
         from deltalake.transaction import AddAction
@@ -197,12 +214,13 @@ class RunOutput:
         try:
             table = DeltaTable(self.uri, storage_options=self.delta_options or None)
         except TableNotFoundError:
-            DeltaTable.create(self.uri, schema=TABLE_SCHEMA, partition_by=list(PARTITIONS), mode="ignore",
-                              storage_options=self.delta_options or None)
+            DeltaTable.create(self.uri, schema=table_schema(generated), partition_by=list(PARTITIONS),
+                              mode="ignore", storage_options=self.delta_options or None)
             table = DeltaTable(self.uri, storage_options=self.delta_options or None)
+        generated = generated or GENERATED_FIELDS[0].name in table.schema().to_arrow().names
         text = json.dumps(summary, sort_keys=True)
         table.create_write_transaction(
-            actions, mode="overwrite", schema=TABLE_SCHEMA, partition_by=list(PARTITIONS),
+            actions, mode="overwrite", schema=table_schema(generated), partition_by=list(PARTITIONS),
             partition_filters=[("run_date", "=", self.run_date), ("workload", "=", self.workload)],
             commit_properties=CommitProperties(custom_metadata={"mmpipe.run": self.rel, "mmpipe.summary": text}),
         )
@@ -232,9 +250,11 @@ def _table(root: str | Path, fs_options: dict[str, Any] | None = None, version: 
 
 
 def read_results(root: str | Path, fs_options: dict[str, Any] | None = None) -> pa.Table:
-    """Every published result row, with ``run_date`` and ``workload`` columns."""
+    """Every published result row, with ``run_date`` and ``workload`` columns
+    (and the generated-text columns when the table has them)."""
     tbl = _table(root, fs_options)
-    return tbl.filter(pc.is_null(tbl["error_code"])).select(list(RESULT_COLUMNS))
+    cols = [*RESULT_COLUMNS, *(f.name for f in GENERATED_FIELDS if f.name in tbl.column_names)]
+    return tbl.filter(pc.is_null(tbl["error_code"])).select(cols)
 
 
 def read_errors(root: str | Path, fs_options: dict[str, Any] | None = None) -> pa.Table:

@@ -36,11 +36,12 @@ import pyarrow.parquet as pq
 from prometheus_client import CollectorRegistry
 
 from pipeline.batch.inputs import Shard, open_filesystem, read_shard
-from pipeline.batch.output import FILE_SCHEMA
+from pipeline.batch.output import file_schema
 from pipeline.batch.pushgateway import push_worker_metrics
 from pipeline.columnar import ColumnarBatch
 from pipeline.config import Settings
 from pipeline.engines import create_engine
+from pipeline.generate import Generator, add_generated, generator_for
 from pipeline.metrics import get_metrics
 from pipeline.package import load_package
 from pipeline.predictor import Predictor
@@ -78,14 +79,19 @@ class _Worker:
         package = load_package(package_dir, trusted_digest=digest)
         self.registry = CollectorRegistry()
         eng = None
+        self.generator: Generator | None = None
         if engine:
             cfg = self.settings.engine.model_copy()
             if not cfg.threads:  # ONNX Runtime's threads match the CPUs this actor holds
                 cfg.threads = max(1, int(self.settings.batch.actor_num_cpus))
             eng = create_engine(package, cfg)
+            # generate.enabled: the generative head beside the tagging heads (off: nothing loaded)
+            self.generator = generator_for(package, self.settings, cfg)
+        b = self.settings.batch
+        threads = b.decode_threads or max(1, int(b.actor_num_cpus if engine else b.num_cpus))
         self.predictor = Predictor(package, eng, limits=self.settings.limits, media=self.settings.media,
-                                   batch_size=self.settings.batch.batch_size, path="batch",
-                                   metrics=get_metrics(self.registry))
+                                   batch_size=b.batch_size, path="batch", metrics=get_metrics(self.registry),
+                                   decode_threads=threads)
         self.node = _node()
         self.worker = _worker_id()
 
@@ -106,43 +112,65 @@ def _filesystem(uri: str, options_json: str) -> tuple[Any, str]:
     return open_filesystem(uri, json.loads(options_json))
 
 
+def _shard(batch: dict[str, np.ndarray], i: int) -> Shard:
+    return Shard(key=str(batch["key"][i]), kind=str(batch["kind"][i]), path=str(batch["path"][i]),  # type: ignore[arg-type]
+                 start=int(batch["start"][i]), end=int(batch["end"][i]), files=str(batch["files"][i]))
+
+
+def decode_shard(w: _Worker, fs: Any, shard: Shard) -> tuple[ColumnarBatch, dict[str, np.ndarray]]:
+    """One shard read and decoded: its batch and bookkeeping columns (one row
+    per input record: id, shard, source, seq, position, total, decode time
+    and node).  A record that fails to decode is a rejected row with its
+    reason code; it never fails the shard.  A shard without records becomes
+    one placeholder row (error code ``EMPTY``) so its completion is counted."""
+    pred = w.predictor
+    t0 = time.perf_counter()
+    positions: list[int] = []
+
+    def raws() -> Iterator[Any]:
+        for position, raw in read_shard(fs, shard, pred.spec.name, pred.pre.limits):
+            positions.append(position)
+            yield raw
+
+    cb = pred.decode(raws())
+    total = cb.size
+    if total == 0:
+        b = pred.pre.builder(1)
+        b.reject(0, "", EMPTY, "")
+        cb, positions = b.build(), [-1]
+    n = cb.size
+    meta = {
+        "id": cb.row_ids(), "shard": np.full(n, shard.key, dtype=object),
+        "source": np.full(n, shard.path, dtype=object),
+        "seq": np.arange(n, dtype=np.int64) if total else np.full(n, -1, dtype=np.int64),
+        "position": np.asarray(positions, dtype=np.int64), "total": np.full(n, total, dtype=np.int64),
+        "decode_s": np.full(n, time.perf_counter() - t0), "decode_node": np.full(n, w.node, dtype=object),
+    }
+    return cb, meta
+
+
 def decode_shards(
     batch: dict[str, np.ndarray], *, settings_json: str, package_dir: str, digest: str, input_uri: str
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data map_batches function (a CPU task): shards in, one decoded
-    block per shard out.  A record that fails to decode is a row with its
-    reason code; it never fails the task."""
+    """Ray Data map_batches function (a CPU task, ``batch.decode_in: tasks``):
+    shards in, one decoded block per shard out."""
     w = _decode_worker(settings_json, package_dir, digest)
     fs, _ = _filesystem(input_uri, json.dumps(w.settings.batch.filesystem, sort_keys=True))
-    pred = w.predictor
-    max_len = pred.spec.preprocessing.text.max_length if pred.spec.preprocessing.text is not None else None
+    text = w.predictor.spec.preprocessing.text
     for i in range(len(batch["key"])):
-        shard = Shard(key=str(batch["key"][i]), kind=str(batch["kind"][i]), path=str(batch["path"][i]),  # type: ignore[arg-type]
-                      start=int(batch["start"][i]), end=int(batch["end"][i]), files=str(batch["files"][i]))
-        t0 = time.perf_counter()
-        positions: list[int] = []
-
-        def raws(s: Shard = shard, out: list[int] = positions) -> Iterator[Any]:
-            for position, raw in read_shard(fs, s, pred.spec.name, pred.pre.limits):
-                out.append(position)
-                yield raw
-
-        cb = pred.decode(raws())
-        total = cb.size
-        if total == 0:
-            b = pred.pre.builder(1)
-            b.reject(0, "", EMPTY, "")
-            cb, positions = b.build(), [-1]
-        block = cb.to_block(max_len)
-        n = cb.size
-        block.update(
-            shard=np.full(n, shard.key, dtype=object), source=np.full(n, shard.path, dtype=object),
-            seq=np.arange(n, dtype=np.int64) if total else np.full(n, -1, dtype=np.int64),
-            position=np.asarray(positions, dtype=np.int64), total=np.full(n, total, dtype=np.int64),
-            decode_s=np.full(n, time.perf_counter() - t0), decode_node=np.full(n, w.node, dtype=object),
-        )
-        yield block
+        cb, meta = decode_shard(w, fs, _shard(batch, i))
+        yield {**cb.to_block(text.max_length if text is not None else None, messages=w.settings.generate.enabled),
+               **meta}
     w.push_metrics()
+
+
+_OBJECT_FIELDS = ("shard", "errors", "labels", "name", "decode_node", "infer_node", "engine")
+
+
+def _pieces_block(pieces: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """What goes back to the driver: one small row per file written."""
+    return {f: np.asarray([p[f] for p in pieces], dtype=object if f in _OBJECT_FIELDS else None)
+            for f in PIECE_FIELDS}
 
 
 class InferActor:
@@ -165,13 +193,14 @@ class InferActor:
         pieces = []
         for key in dict.fromkeys(keys.tolist()):
             sel = np.flatnonzero(keys == key)
-            pieces.append(self._piece({k: np.asarray(v)[sel] for k, v in block.items()}))
+            part = {k: np.asarray(v)[sel] for k, v in block.items()}
+            pieces.append(self.write(ColumnarBatch.from_block(part, **self.block_args), part))
         self.w.push_metrics()
-        return {f: np.asarray([p[f] for p in pieces], dtype=object if f in ("shard", "errors", "labels", "name",
-                                                                           "decode_node", "infer_node", "engine")
-                              else None) for f in PIECE_FIELDS}
+        return _pieces_block(pieces)
 
-    def _piece(self, part: dict[str, np.ndarray]) -> dict[str, Any]:
+    def write(self, cb: ColumnarBatch, part: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Infer one shard's rows (``part``: their bookkeeping columns) and
+        write them as one Parquet file; returns the piece the driver tracks."""
         key, total = str(part["shard"][0]), int(part["total"][0])
         piece = {"shard": key, "total": total, "decode_s": float(part["decode_s"][0]),
                  "decode_node": str(part["decode_node"][0]), "infer_node": self.w.node,
@@ -180,7 +209,9 @@ class InferActor:
             return {**piece, "first_seq": -1, "last_seq": -1, "rows": 0, "ok": 0, "errors": "{}", "labels": "{}",
                     "name": "", "size": 0, "infer_s": 0.0}
         t0 = time.perf_counter()
-        res = self.pred.infer_batch(ColumnarBatch.from_block(part, **self.block_args))
+        res = self.pred.infer_batch(cb)
+        if self.w.generator is not None:
+            res = add_generated(self.w.generator, cb, res)
         tbl, label_counts = result_table(res, part)
         name = f"part-{key}-{int(part['seq'][0]):07d}-{uuid.uuid4().hex[:8]}.parquet"
         path = f"{self.out_dir}/{name}"
@@ -190,6 +221,24 @@ class InferActor:
                 "ok": res.ok_count, "errors": json.dumps(Counter(res.rejected.codes)),
                 "labels": json.dumps(label_counts), "name": name, "size": int(size),
                 "infer_s": time.perf_counter() - t0}
+
+
+class ShardActor(InferActor):
+    """Ray Data callable class for ``batch.decode_in: actor``: each actor
+    reads, decodes, infers and writes whole shards, so a decoded batch never
+    leaves the process that made it (no block through the object store, no
+    rebuild) and every CPU runs the same loop.  The default on CPU-only
+    clusters; GPU actors keep decoding in separate CPU tasks instead."""
+
+    def __init__(self, settings_json: str, package_dir: str, digest: str, out_dir: str, out_uri: str,
+                 input_uri: str) -> None:
+        super().__init__(settings_json, package_dir, digest, out_dir, out_uri)
+        self.in_fs, _ = _filesystem(input_uri, json.dumps(self.w.settings.batch.filesystem, sort_keys=True))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # type: ignore[override]
+        pieces = [self.write(*decode_shard(self.w, self.in_fs, _shard(batch, i))) for i in range(len(batch["key"]))]
+        self.w.push_metrics()
+        return _pieces_block(pieces)
 
 
 # -- result rows as Arrow columns ------------------------------------------------------------------------------
@@ -208,6 +257,7 @@ def result_table(res: ResultBatch, part: dict[str, np.ndarray]) -> tuple[pa.Tabl
         col[res.positions] = res.timings[stage]
         timings[f"{stage}_ms"] = pa.array(col, pa.float64(), mask=np.isnan(col))
     const = {"model": res.model, "model_version": res.model_version, "engine": res.engine, "provider": res.provider}
+    generated = generated_columns(res)
     cols = {
         "id": pa.array(part["id"], pa.string()), "error_code": pa.array(code, pa.string()),
         "error_message": pa.array(msg, pa.string()), "source": pa.array(part["source"], pa.string()),
@@ -216,8 +266,22 @@ def result_table(res: ResultBatch, part: dict[str, np.ndarray]) -> tuple[pa.Tabl
         "labels": labels,
         "result": pa.array(res.json_lines(), pa.binary()).cast(pa.string()),
         **timings,
+        **generated,
     }
-    return pa.table(cols, schema=FILE_SCHEMA), counts
+    return pa.table(cols, schema=file_schema(bool(generated))), counts
+
+
+def generated_columns(res: ResultBatch) -> dict[str, pa.Array]:
+    """``generated_text`` and ``generated_finish_reason`` of every row (null
+    for rejected records and for records the head could not answer); none
+    when the run does not generate."""
+    if res.generated is None:
+        return {}
+    text = np.full(res.size, None, dtype=object)
+    finish = np.full(res.size, None, dtype=object)
+    text[res.positions] = [g["text"] for g in res.generated]
+    finish[res.positions] = [g["finish_reason"] for g in res.generated]
+    return {"generated_text": pa.array(text, pa.string()), "generated_finish_reason": pa.array(finish, pa.string())}
 
 
 def label_column(res: ResultBatch) -> tuple[pa.Array, dict[str, dict[str, int]]]:
@@ -260,7 +324,7 @@ def label_column(res: ResultBatch) -> tuple[pa.Array, dict[str, dict[str, int]]]
     rejected = np.zeros(n, dtype=bool)
     rejected[res.rejected.positions] = True
     arr = pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(rejected))
-    return arr.cast(FILE_SCHEMA.field("labels").type), counts
+    return arr.cast(file_schema(False).field("labels").type), counts
 
 
 def settings_json(settings: Settings) -> str:

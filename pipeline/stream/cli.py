@@ -52,6 +52,7 @@ committed: restart and it resumes); 2 bad config or package."""
 
 def cmd_stream(args: argparse.Namespace) -> int:
     from pipeline.config import load_settings
+    from pipeline.errors import PackageError
     from pipeline.predictor import Predictor
     from pipeline.stream.consumer import StreamConsumer, StreamError
 
@@ -69,7 +70,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
     predictor = Predictor.from_settings(settings, args.package, path="stream")
     try:
         consumer = StreamConsumer(settings, predictor, exit_when_idle_s=args.exit_when_idle)
-    except ValueError as exc:
+    except (ValueError, PackageError) as exc:  # PackageError: generate.enabled without a generative head
+        predictor.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if settings.metrics.enabled and settings.metrics.port:

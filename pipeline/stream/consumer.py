@@ -55,6 +55,7 @@ from kafka.errors import KafkaError
 from kafka.future import Future as KFuture
 
 from pipeline.config import Settings
+from pipeline.generate import generator_for
 from pipeline.log import log_event
 from pipeline.predictor import Predictor
 from pipeline.stream import client
@@ -112,7 +113,9 @@ class StreamConsumer:
         self.cfg = cfg
         self.predictor = predictor
         _large_buffers_off_the_heap()
-        self.stage = PredictStage(predictor, cfg.output_topic, cfg.dlq_topic)
+        # generate.enabled: each result also carries the generative head's text (refused here without one)
+        self.stage = PredictStage(predictor, cfg.output_topic, cfg.dlq_topic,
+                                  generator_for(predictor.package, settings))
         self.batcher = MicroBatcher(cfg.max_batch_records, cfg.max_wait_ms / 1000)
         self.tracker = OffsetTracker()
         self.bp = Backpressure(cfg.max_in_flight)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pipeline.columnar import ColumnarBatch
 from pipeline.errors import Reason
+from pipeline.generate import Generator, add_generated
 from pipeline.predictor import Predictor
 from pipeline.records import ErrorInfo, Result
 
@@ -179,8 +180,12 @@ class PredictStage:
     batch), so the consumer decodes one batch while the engine runs the
     previous one; calling the stage runs both."""
 
-    def __init__(self, predictor: Predictor, output_topic: str, dlq_topic: str) -> None:
+    def __init__(self, predictor: Predictor, output_topic: str, dlq_topic: str,
+                 generator: Generator | None = None) -> None:
+        """``generator``: with ``generate.enabled``, each result also carries
+        what the generative head wrote for the record (its ``generated`` field)."""
         self.predictor = predictor
+        self.generator = generator
         self.output_topic = output_topic
         self.dlq_topic = dlq_topic
         pkg = predictor.package
@@ -215,6 +220,8 @@ class PredictStage:
             slots[i] = self.dead_letter(msgs[i], Reason.TOMBSTONE.value, TOMBSTONE_MESSAGE)
         if kept:
             results = self.predictor.infer_batch(decoded.columns)
+            if self.generator is not None:
+                results = add_generated(self.generator, decoded.columns, results)
             lines = results.json_lines()
             rej = results.rejected
             for pos, code, message in zip(rej.positions.tolist(), rej.codes, rej.messages, strict=True):

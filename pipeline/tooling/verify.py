@@ -12,6 +12,13 @@ Paths that serve the same numbers (every fp32 path) are held to the fp32
 tolerance: identical labels and scores within 1e-4.  A reduced-precision
 variant is held to its own tolerance (the one its export's parity gate used)
 against any other path.
+
+With a generative head (``--generate`` or ``generate.enabled``), the
+generated text is compared too, pair by pair: in-process generation, the
+batch job's and the stream's ``generated`` field, and Ray Serve's
+``/v1/{workload}/generate``.  Greedy fp32 decoding must give identical text
+(or the same reason code) for every record.  The text itself is record
+content: the report holds counts, never text.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from pipeline.config import EngineConfig, Settings
 from pipeline.engines import create_engine, resolve_kind
 from pipeline.package import ModelPackage
 from pipeline.predictor import Predictor, _guess_id
-from pipeline.records import ErrorInfo, Result, record_bytes
+from pipeline.records import ErrorInfo, GeneratedText, Result, record_bytes
 
 Runner = Callable[[Sequence[Any]], list[Result]]
 
@@ -212,6 +219,153 @@ def format_matrix(runs: Sequence[PathRun]) -> str:
     return "\n".join(lines)
 
 
+# --- generated text ----------------------------------------------------------
+
+
+@dataclass
+class GenCell:
+    """Generated text of path ``a`` against path ``b``, record by record."""
+
+    compared: int
+    text_agreement: float
+    missing: int
+    passed: bool
+
+
+def _outcome(res: Result) -> tuple[str, str | None] | None:
+    """What a path generated for a record: its text, or the reason code it
+    gave instead (the record's, or the generation's own); None when the
+    path wrote no generated field for an answered record."""
+    if res.error is not None:
+        return ("error", res.error.code)
+    if res.generated is None:
+        return None
+    if res.generated.error is not None:
+        return ("error", res.generated.error.code)
+    return ("text", res.generated.text)
+
+
+def compare_generated(a: PathRun, b: PathRun) -> GenCell:
+    """Text agreement of two runs.  A record one path did not answer, or
+    answered without generated text, is missing; every other record counts
+    as agreeing only when both wrote the same text (or the same reason code).
+    fp32 paths must agree on every record; a reduced-precision variant to
+    its tolerance's agreement."""
+    compared = agree = missing = 0
+    for rid in a.results.keys() | b.results.keys():
+        ra, rb = a.results.get(rid), b.results.get(rid)
+        oa = _outcome(ra) if ra is not None else None
+        ob = _outcome(rb) if rb is not None else None
+        if oa is None or ob is None:
+            missing += 1
+            continue
+        compared += 1
+        agree += oa == ob
+    agreement = agree / compared if compared else 1.0
+    need = 1.0 if a.variant == b.variant == "fp32" else tolerance(a.variant, b.variant).agreement
+    return GenCell(compared, agreement, missing, missing == 0 and agreement >= need)
+
+
+def generation_report(runs: Sequence[PathRun]) -> dict[str, Any]:
+    """Per path its counts, per pair of paths the :class:`GenCell`; counts only (text is record content)."""
+    ok_runs = [r for r in runs if r.error is None]
+    cells = {f"{a.name} | {b.name}": asdict(compare_generated(a, b))
+             for i, a in enumerate(ok_runs) for b in ok_runs[i + 1:]}
+    outcomes = {r.name: [_outcome(x) for x in r.results.values()] for r in runs}
+    return {
+        "paths": {r.name: {"variant": r.variant, "texts": sum(1 for o in outcomes[r.name] if o and o[0] == "text"),
+                           "errors": sum(1 for o in outcomes[r.name] if o and o[0] == "error"),
+                           "failed": r.error} for r in runs},
+        "pairs": cells,
+        "passed": all(r.error is None for r in runs) and all(c["passed"] for c in cells.values()),
+    }
+
+
+def format_generation(runs: Sequence[PathRun]) -> str:
+    """The path x path table of generated-text agreement."""
+    ok_runs = [r for r in runs if r.error is None]
+    width = max([len(r.name) for r in ok_runs] + [10])
+    lines = ["generated text agreement (PASS unless marked)",
+             " " * width + " | " + " | ".join(r.name.rjust(17) for r in ok_runs)]
+    for a in ok_runs:
+        cells = []
+        for b in ok_runs:
+            if a is b:
+                cells.append("-".rjust(17))
+                continue
+            c = compare_generated(a, b)
+            text = f"{c.text_agreement:.1%}{'' if c.passed else '!'}"
+            cells.append((f"LOST {c.missing}" if c.missing else text).rjust(17))
+        lines.append(a.name.ljust(width) + " | " + " | ".join(cells))
+    lines += [f"{r.name}: FAILED: {r.error}" for r in runs if r.error is not None]
+    return "\n".join(lines)
+
+
+def generation_settings(settings: Settings) -> Settings:
+    """Settings for paths that generate: ``generate.enabled`` on, the
+    variant pinned (``auto`` could pick fp16 on a GPU node only)."""
+    gen = settings.generate
+    variant = "fp32" if gen.variant == "auto" else gen.variant
+    return settings.model_copy(update={"generate": gen.model_copy(update={"enabled": True, "variant": variant})})
+
+
+def generate_path(package: ModelPackage, settings: Settings) -> PathSpec:
+    """In-process generation (:class:`~pipeline.generate.Generator` on ONNX
+    Runtime): the reference the other paths' text is held to."""
+    from pipeline.generate import Generator
+
+    cfg = generation_settings(settings)
+
+    def run(records: Sequence[Any]) -> list[Result]:
+        gen = Generator(package, cfg.engine, cfg.generate, cfg.limits)
+        # A record rejected before its id was read is named as the other paths name it.
+        return [Result(id=g.id or _guess_id(raw) or "", workload=package.spec.name, model=g.model,
+                       model_version=g.model_version, error=g.error,
+                       generated=None if g.error else GeneratedText(text=g.text, finish_reason=g.finish_reason))
+                for raw, g in zip(records, gen.generate(list(records)), strict=True)]
+
+    return PathSpec("generate", cfg.generate.variant, run)
+
+
+def serve_generate_path(url: str, workload: str, timeout_s: float = 60.0, chunk: int = 32) -> PathSpec:
+    """Ray Serve's ``POST /v1/{workload}/generate`` (non-streaming): records
+    in batches (``{"records": [...]}``), each answer's ``text`` and
+    ``finish_reason`` (or ``error``) read back.  Records that are not JSON
+    cannot travel in a batch and are left out here (the tag comparison sends
+    them alone)."""
+    endpoint = f"{url.rstrip('/')}/v1/{workload}/generate"
+
+    def result(r: dict[str, Any]) -> Result:
+        err = r.get("error")
+        return Result(id=str(r.get("id", "")), workload=workload, model=str(r.get("model", "")),
+                      model_version=str(r.get("model_version", "")),
+                      error=ErrorInfo(code=str(err.get("code")), message=str(err.get("message"))) if err else None,
+                      generated=None if err else GeneratedText(text=r.get("text"),
+                                                               finish_reason=r.get("finish_reason")))
+
+    def run(records: Sequence[Any]) -> list[Result]:
+        out: list[Result] = []
+        docs: list[Any] = []
+        for raw in records:
+            wire = record_bytes(raw)
+            try:
+                docs.append(json.loads(wire.decode("utf-8")))
+                continue
+            except ValueError:  # not JSON: alone, as the whole body; its rejection is its answer
+                status, doc = _post_json(endpoint, wire, timeout_s)
+            if not (400 <= status < 500 and isinstance(doc, dict) and isinstance(doc.get("error"), dict)):
+                raise RuntimeError(f"{endpoint} answered {status} to a record that is not JSON")
+            out.append(result({"id": _guess_id(wire) or "", "error": doc["error"]}))
+        for i in range(0, len(docs), chunk):
+            status, doc = _post_json(endpoint, json.dumps({"records": docs[i:i + chunk]}).encode(), timeout_s)
+            if status != 200:
+                raise RuntimeError(f"{endpoint} answered {status} to a batch of {len(docs[i:i + chunk])}")
+            out.extend(result(r) for r in doc["results"])
+        return out
+
+    return PathSpec("serve-generate", "fp32", run)
+
+
 # --- path runners -----------------------------------------------------------
 
 
@@ -231,6 +385,21 @@ def predictor_path(name: str, variant: str, package: ModelPackage, engine: Engin
     return PathSpec(name, variant, run)
 
 
+def _post_json(endpoint: str, body: bytes, timeout_s: float) -> tuple[int, Any]:
+    """POST ``body``; the status and the JSON answer (a 4xx's too)."""
+    req = urllib.request.Request(endpoint, data=body, headers={"Content-Type": "application/json",
+                                                               "Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        text = exc.read()
+        try:
+            return exc.code, json.loads(text)
+        except ValueError:
+            raise RuntimeError(f"{endpoint} answered {exc.code}: {text[:200]!r}") from None
+
+
 def serve_v1_path(url: str, workload: str, timeout_s: float = 60.0, chunk: int = 32) -> PathSpec:
     """Ray Serve's friendly endpoint, ``POST /v1/{workload}/predict``.
 
@@ -241,16 +410,7 @@ def serve_v1_path(url: str, workload: str, timeout_s: float = 60.0, chunk: int =
     endpoint = f"{url.rstrip('/')}/v1/{workload}/predict"
 
     def post(body: bytes) -> tuple[int, Any]:
-        req = urllib.request.Request(endpoint, data=body, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            text = exc.read()
-            try:
-                return exc.code, json.loads(text)
-            except ValueError:
-                raise RuntimeError(f"{endpoint} answered {exc.code}: {text[:200]!r}") from None
+        return _post_json(endpoint, body, timeout_s)
 
     def run(records: Sequence[Any]) -> list[Result]:
         out: list[Result] = []
@@ -506,6 +666,18 @@ def _records(path: str | None, package: ModelPackage, n: int) -> list[Any]:
     return [s.record for s in sample_data.generate(package.spec.name, n, seed=11, missing_rate=0.3)]
 
 
+def _generating(args: Any, settings: Settings, package: ModelPackage) -> bool:
+    """Whether generated text is compared too: asked for (``--generate`` or
+    ``generate.enabled``) and the package carries an exported head; asked
+    for without one is an error."""
+    if not (getattr(args, "generate", False) or settings.generate.enabled):
+        return False
+    if not any(v.startswith("generate-") for v in package.manifest.variants):
+        raise SystemExit(f"error: --generate / generate.enabled, but package {package.name} has no exported "
+                         "generative head (train with --generative, then mmpipe export)")
+    return True
+
+
 def cmd_verify(args: Any) -> int:
     from pipeline.config import load_settings
     from pipeline.package import load_package
@@ -518,10 +690,16 @@ def cmd_verify(args: Any) -> int:
         print(f"warning: {no_id} records have no id and {shared} share one with another record; paths are "
               "compared by record id, so those are compared as one")
     paths = package_paths(package, settings, torch=not args.no_torch)
+    generating = _generating(args, settings, package)
+    gen_paths = [generate_path(package, settings)] if generating else []
+    if generating:  # the batch job and the stream write their text beside their tags
+        settings = generation_settings(settings)
     if args.serve_url:
         host = args.serve_url.split("://", 1)[-1].rstrip("/")
         paths.append(serve_v1_path(args.serve_url, package.spec.name, timeout_s=args.timeout))
         paths.append(oip_path("serve-v2", package, settings, host, "http", args.serve_model or package.name))
+        if generating:
+            gen_paths.append(serve_generate_path(args.serve_url, package.spec.name, timeout_s=args.timeout))
     if args.triton_url:
         paths.append(oip_path("triton-grpc", package, settings, args.triton_url, "grpc",
                               args.triton_model or package.name))
@@ -549,6 +727,13 @@ def cmd_verify(args: Any) -> int:
     runs = run_paths(paths, records)
     print(format_matrix(runs))
     rep = report(runs)
+    if generating:
+        gen_runs = run_paths(gen_paths, records) + [r for r in runs if r.name in ("batch", "stream")]
+        print(format_generation(gen_runs))
+        if len(gen_runs) < 2:
+            print("generation: only in-process ran; add --batch, --kafka or --serve-url to compare its text")
+        rep["generation"] = generation_report(gen_runs)
+        rep["passed"] = rep["passed"] and rep["generation"]["passed"]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rep, f, indent=2)
@@ -582,8 +767,13 @@ def add_parser(sub: Any) -> None:
         "                 stream answers.  Brokers, topics and SASL/SSL come from the\n"
         "                 config's stream: section and MMPIPE__STREAM__* variables; the\n"
         "                 flags override brokers and topics.  The topics must exist.\n"
+        "  --generate     also compare generated text (a package with a generative head):\n"
+        "                 in-process generation against the batch job's and the stream's\n"
+        "                 generated field and Serve's /v1/{workload}/generate (with the\n"
+        "                 flags above); greedy fp32 text must be identical for every record\n"
         "Records are matched across paths by id: give each record its own.  Prints a\n"
-        "path x path matrix of the largest score difference and the label agreement.",
+        "path x path matrix of the largest score difference and the label agreement\n"
+        "(and, with --generate, of the generated-text agreement; never the text).",
         epilog="""\
 examples:
   mmpipe verify packages/retail
@@ -594,6 +784,7 @@ examples:
   mmpipe verify packages/retail --kafka localhost:9092 --kafka-input retail-records \\
       --kafka-output retail-results --kafka-dlq retail-dlq
   mmpipe verify packages/retail -c stream.yaml --kafka --kafka-external   # a running mmpipe stream
+  mmpipe verify packages/medical --generate --batch -c stream.yaml --kafka   # generated text too
   mmpipe verify packages/retail --no-torch --batch --kafka localhost:9092 -c stream.yaml \\
       --serve-url http://localhost:8000 --triton-url localhost:8001 --triton-model retail-fusion_cpu
 
@@ -622,5 +813,8 @@ which); 2 bad arguments.""",
                    help="a running mmpipe stream consumes the input topic: start no consumer here")
     v.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="how long to wait for a server's or the stream's answers (default 300)")
+    v.add_argument("--generate", action="store_true",
+                   help="also compare generated text across paths (the package needs a generative head; "
+                   "generate.enabled in the config does the same)")
     v.add_argument("--json", help="write the report as JSON here")
     v.set_defaults(func=cmd_verify)

@@ -106,7 +106,8 @@ def test_inference_actor_killed_during_batch_job(packages, ray_cluster, tmp_path
         if markers_when_visible is None and delta_log.exists():
             markers_when_visible = markers
         if not killed and markers >= 2:
-            actors = descendants(os.getpid(), "InferActor")
+            # ShardActor: decode_in actor (the CPU default); InferActor: decode_in tasks
+            actors = descendants(os.getpid(), "ShardActor") or descendants(os.getpid(), "InferActor")
             if actors:
                 os.kill(actors[0], signal.SIGKILL)
                 killed.append(actors[0])

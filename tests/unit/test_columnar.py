@@ -106,3 +106,25 @@ def test_pad_concat_pads_each_variable_axis_to_the_longest() -> None:
     a, b = np.ones((1, 2), dtype=np.int64), np.ones((2, 4), dtype=np.int64)
     got = pad_concat([a, b], (1,), value=0)
     assert got.shape == (3, 4) and got[0].tolist() == [1, 1, 0, 0]
+
+
+def test_conversations_travel_with_their_rows() -> None:
+    """A generative head's ``messages`` follow their record through the
+    block form, take, merge and split, and back out as Prepared rows."""
+    conv = [{"role": "user", "content": "what is seen?"}]
+    rows = [_row(0, 3, (True, True, False)), _row(1, 5, (True, False, True))]
+    rows[1].messages = conv
+    b = ColumnarBatch.from_prepared(rows, workload="w", modalities=MODALITIES, shapes=SHAPES, text=True, pad_id=PAD,
+                                    positions=[0, 2], rejected=Rejected(np.array([1]), ["x"], ["bad_json"], ["m"]),
+                                    size=3)
+    assert b.messages == [None, conv]
+    assert "messages" not in b.to_block(16), "only asked for (generation on)"
+    back = ColumnarBatch.from_block(b.to_block(16, messages=True), workload="w", modalities=MODALITIES, pad_id=PAD)
+    assert back.messages == [None, conv] and back.take([1]).messages == [conv]
+    plain = _batch([("ok", 2, (True, True, True))], 3)
+    merged = ColumnarBatch.merge([plain, back])
+    assert merged.messages == [None, None, conv] and merged.split([1, 3])[1].messages == [None, conv]
+    again = back.rows()
+    assert [p.messages for p in again] == [None, conv] and [p.id for p in again] == ["r0", "r1"]
+    assert again[1].features["input_ids"].tolist() == rows[1].features["input_ids"].tolist()
+    assert again[1].present == rows[1].present and again[1].offsets == rows[1].offsets

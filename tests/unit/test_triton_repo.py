@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import itertools
+import json
 import shutil
 from pathlib import Path
 from types import ModuleType
@@ -32,9 +33,11 @@ from exporters.triton_repo import (  # noqa: E402
     repository_models,
     to_pbtxt,
 )
-from pipeline.config import EngineConfig  # noqa: E402
+from pipeline.config import EngineConfig, GenerateConfig, Limits  # noqa: E402
 from pipeline.engines import create_engine  # noqa: E402
 from pipeline.errors import PackageError  # noqa: E402
+from pipeline.generate import GenerationError, Generator  # noqa: E402
+from pipeline.oip import GENERATE_INPUTS, GENERATE_OUTPUTS, GENERATE_SUFFIX, token_event_tensors  # noqa: E402
 from pipeline.package import load_package, sha256_file  # noqa: E402
 from pipeline.predictor import Predictor  # noqa: E402
 from pipeline.preprocess import Preprocessor  # noqa: E402
@@ -357,3 +360,131 @@ def test_cpu_model_merges_requests_of_different_lengths(onnx_pkgs: dict[str, Pat
         for n in names:
             assert part[n].shape == alone[n].shape
             np.testing.assert_allclose(part[n], alone[n], atol=1e-5)
+
+
+# -- NAME_generate: the decoupled generation model ------------------------------------------------------
+def test_generate_model_config_and_package_copy(generative_package: Path, tmp_path: Path) -> None:
+    """A package with an exported generative head gets NAME_generate: the
+    oip contract's tensors, decoupled, its settings in the parameters, and a
+    package copy with exactly the files generation needs (checksums as the
+    manifest's)."""
+    pkg = load_package(generative_package)
+    n = pkg.name
+    repo = build_triton_repo(pkg.root, tmp_path / "repo", instance_kind="cpu", generate_instance_count=3,
+                             generate_config=GenerateConfig(max_new_tokens=9, do_sample=True, seed=4),
+                             limits=Limits(max_text_chars=500))
+    cfgs = configs(repo)
+    assert set(cfgs) == set(repository_models(n, generate=True)["gpu"]) | set(
+        repository_models(n, generate=True)["cpu"])
+    m = cfgs[f"{n}{GENERATE_SUFFIX}"]
+    assert m.backend == "python" and m.max_batch_size == 0
+    assert m.model_transaction_policy.decoupled
+    types = {"BYTES": model_config_pb2.TYPE_STRING, "INT32": model_config_pb2.TYPE_INT32,
+             "INT64": model_config_pb2.TYPE_INT64}
+    assert [(i.name, i.data_type, list(i.dims), i.optional) for i in m.input] == [
+        (name, types[dt], list(shape), opt) for name, dt, shape, opt in GENERATE_INPUTS]
+    assert [(o.name, o.data_type, list(o.dims)) for o in m.output] == [
+        (name, types[dt], [1]) for name, dt in GENERATE_OUTPUTS]
+    assert [(g.kind, g.count) for g in m.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 3)]
+    params = {k: v.string_value for k, v in m.parameters.items()}
+    assert GenerateConfig.model_validate_json(params["GENERATE"]) == GenerateConfig(
+        max_new_tokens=9, do_sample=True, seed=4)
+    assert Limits.model_validate_json(params["LIMITS"]).max_text_chars == 500
+    assert params["ALLOWED_URI_SCHEMES"] == "" and params["PACKAGE_DIR"] == "package"
+    version = repo / f"{n}{GENERATE_SUFFIX}" / "1"
+    assert (version / "model.py").read_text() == (DEPLOY_DIR / "generate/model.py").read_text()
+    copied = sorted(str(p.relative_to(version / "package")) for p in (version / "package").rglob("*") if p.is_file())
+    want = sorted({"manifest.json", "tokenizer/tokenizer.json", *pkg.variant("generate-fp32").files})
+    assert copied == want, "the generate model's package copy holds other files than generation needs"
+    assert (version / "package/manifest.json").read_bytes() == (pkg.root / "manifest.json").read_bytes()
+    for rel in want:
+        if rel != "manifest.json":
+            assert sha256_file(version / "package" / rel) == pkg.manifest.files[rel]
+
+
+def test_generate_model_is_optional_and_refused_without_a_head(
+    generative_package: Path, onnx_pkgs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = load_package(generative_package).name
+    repo = tmp_path / "repo"
+    build_triton_repo(generative_package, repo)
+    assert (repo / f"{name}_generate").is_dir()
+    build_triton_repo(generative_package, repo, generate=False)  # a rebuild without it removes the stale one
+    assert not (repo / f"{name}_generate").exists()
+    build_triton_repo(onnx_pkgs["retail"], tmp_path / "r2")  # no head: no NAME_generate, nothing refused
+    assert not (tmp_path / "r2" / "retail-fusion_generate").exists()
+    with pytest.raises(TritonRepoError, match="no exported generative head"):
+        build_triton_repo(onnx_pkgs["retail"], tmp_path / "r3", generate=True)
+    with pytest.raises(TritonRepoError, match="no variant 'generate-int8'"):
+        build_triton_repo(generative_package, tmp_path / "r4", generate_config=GenerateConfig(variant="int8"))
+    with pytest.raises(TritonRepoError, match="instance counts"):
+        build_triton_repo(generative_package, tmp_path / "r5", generate_instance_count=0)
+    # CLI: settings from --config, --no-generate
+    settings = tmp_path / "mmpipe.yaml"
+    settings.write_text("generate:\n  max_new_tokens: 7\nlimits:\n  max_text_chars: 300\n")
+    parser = argparse.ArgumentParser(prog="mmpipe")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["triton-repo", "--package", str(generative_package), "--out", str(tmp_path / "c"),
+                              "--config", str(settings), "--generate-instances", "2"])
+    assert args.func(args) == 0
+    assert f"{name}_generate" in capsys.readouterr().out
+    m = parse(tmp_path / "c" / f"{name}_generate" / "config.pbtxt")
+    assert json.loads(m.parameters["GENERATE"].string_value) == {"max_new_tokens": 7}
+    assert json.loads(m.parameters["LIMITS"].string_value) == {"max_text_chars": 300}
+    assert [g.count for g in m.instance_group] == [2]
+    args = parser.parse_args(["triton-repo", "--package", str(generative_package), "--out", str(tmp_path / "d"),
+                              "--no-generate"])
+    assert args.func(args) == 0
+    assert f"{name}_generate" not in capsys.readouterr().out and not (tmp_path / "d" / f"{name}_generate").exists()
+    settings.write_text("generate:\n  max_new_tokens: -1\n")
+    args = parser.parse_args(["triton-repo", "--package", str(generative_package), "--out", str(tmp_path / "e"),
+                              "--config", str(settings)])
+    assert args.func(args) == 2
+    assert "max_new_tokens" in capsys.readouterr().err
+
+
+def test_generate_model_streams_the_generators_events(generative_package: Path, tmp_path: Path) -> None:
+    """The model's logic without a server: it loads the package copy with
+    the config's settings and sends Generator.stream's events as the oip
+    tensors, one per event; whole-call refusals raise before any."""
+    mod = load_backend_model("generate")
+    repo = build_triton_repo(generative_package, tmp_path / "repo", limits=Limits(max_text_chars=40))
+    name = load_package(generative_package).name
+    m = parse(repo / f"{name}_generate" / "config.pbtxt")
+    params = {k: v.string_value for k, v in m.parameters.items()}
+    gen = mod.load_generator(repo / f"{name}_generate" / "1" / "package", params, "CPU")
+    assert gen.preprocessor.limits.max_text_chars == 40
+    assert gen.preprocessor.media.allowed_uri_schemes == []
+    samples = sample_data.generate("medical", 4, seed=7)
+    raws = [record_bytes(s.record) for s in samples] + [b"not json"]
+    got = list(mod.event_tensors(gen, *mod.request_inputs(np.array(raws, dtype=object), None)))
+    reference = Generator(load_package(generative_package), EngineConfig(device="cpu"),
+                          limits=Limits(max_text_chars=40))
+    want = [token_event_tensors(ev) for ev in reference.stream(raws)]
+    assert len(got) == len(want)
+    codes = [g["ERROR_CODE"][0] for g in got]
+    assert b"text_too_long" in codes, "the config's limits did not reach the model"
+    assert any(g["FINISH_REASON"][0] for g in got), "no record was generated"
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for k in g:
+            np.testing.assert_array_equal(g[k], w[k])
+    cancelled = list(mod.event_tensors(gen, raws, None, cancelled=lambda: True))
+    assert len(cancelled) == 1
+    assert mod.request_inputs(np.array(raws[:1], dtype=object), np.array([3], dtype=np.int32))[1] == 3
+    with pytest.raises(GenerationError, match="one value"):
+        mod.request_inputs(np.array(raws[:1], dtype=object), np.array([3, 4], dtype=np.int32))
+    with pytest.raises(GenerationError, match="exceeds the limit"):
+        next(mod.event_tensors(gen, raws, 10_000))
+
+
+def test_cpu_only_servers_load_the_generate_model(tmp_path: Path) -> None:
+    """``mmpipe serve --backend triton --cpu-only`` loads the python-backend
+    models, NAME_generate among them, and not the onnxruntime-backend ones."""
+    from deploy.triton.server import repository_model_names
+
+    for m in ("m", "m_cpu", "m_preprocess", "m_ensemble", "m_ensemble_cpu", "m_generate"):
+        (tmp_path / m).mkdir()
+        (tmp_path / m / "config.pbtxt").write_text(f'name: "{m}"\n')
+    assert repository_model_names(tmp_path, cpu_only=True) == ["m_cpu", "m_ensemble_cpu", "m_generate", "m_preprocess"]
+    assert sorted(repository_models("m", generate=True)["cpu"]) == repository_model_names(tmp_path, cpu_only=True)

@@ -235,3 +235,84 @@ def test_paths_that_build_their_own_engine_pin_the_variant(exported_retail: Path
     s, v = _pinned(Settings(engine=EngineConfig(kind="triton")), pkg)
     assert (s.engine.kind, v) == ("triton", "fp32")
     assert Settings().engine.kind == "auto", "the caller's settings are left alone"
+
+
+# -- generated text -------------------------------------------------------------------------------------
+def _gen(rid: str, text: str | None, *, error: str | None = None, gen_error: str | None = None) -> Result:
+    from pipeline.records import GeneratedText
+
+    if error:
+        return _res(rid, "", 0, error=error)
+    res = _res(rid, "a", 0.9)
+    res.generated = GeneratedText(text=text, finish_reason="stop" if text else None,
+                                  error=ErrorInfo(code=gen_error, message="x") if gen_error else None)
+    return res
+
+
+def test_generated_text_is_compared_record_by_record() -> None:
+    from pipeline.tooling.verify import compare_generated, format_generation, generation_report
+
+    ref = _run("generate", "fp32", _gen("1", "pleural effusion."), _gen("2", "pulmonary nodule."),
+               _gen("3", None, error="bad_json"), _res("4", "", 0, error="bad_record"))
+    same = _run("batch", "fp32", _gen("1", "pleural effusion."), _gen("2", "pulmonary nodule."),
+                _gen("3", None, error="bad_json"), _gen("4", None, gen_error="bad_record"))
+    swapped = _run("stream", "fp32", _gen("1", "pulmonary nodule."), _gen("2", "pleural effusion."),
+                   _gen("3", None, error="bad_json"), _gen("4", None, gen_error="bad_record"))
+    untexted = _run("plain", "fp32", _res("1", "a", 0.9), _gen("2", "pulmonary nodule."),
+                    _gen("3", None, error="bad_json"), _gen("4", None, gen_error="bad_record"))
+    cell = compare_generated(ref, same)
+    assert cell.passed and cell.compared == 4 and cell.text_agreement == 1.0
+    assert compare_generated(ref, swapped).text_agreement == 0.5 and not compare_generated(ref, swapped).passed
+    assert compare_generated(ref, untexted).missing == 1 and not compare_generated(ref, untexted).passed
+    assert compare_generated(ref, _run("int8", "int8", *same.results.values())).passed
+    rep = generation_report([ref, same, swapped])
+    assert not rep["passed"] and rep["pairs"]["generate | batch"]["passed"]
+    assert rep["paths"]["batch"] == {"variant": "fp32", "texts": 2, "errors": 2, "failed": None}
+    shown = json.dumps(rep) + format_generation([ref, same, swapped])
+    assert "effusion" not in shown and "nodule" not in shown, "counts only: the text is record content"
+
+
+class _FakeGenerate(BaseHTTPRequestHandler):
+    """Answers ``{"records": [...]}`` with one result per record, and a lone
+    non-JSON body with 400 bad_json: the documented /v1/{workload}/generate."""
+
+    def do_POST(self) -> None:  # http.server's name for it
+        assert self.path == "/v1/medical/generate"
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            status, out = 400, {"error": {"code": "bad_json", "message": "body is not valid JSON"}}
+        else:
+            status = 200
+            out = {"results": [{"id": r["id"], "model": "m", "model_version": "1", "text": f"text {r['id']}",
+                                "finish_reason": "stop"} for r in doc["records"]]}
+        data = json.dumps(out).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_serve_generate_reads_text_per_record() -> None:
+    from pipeline.tooling.verify import serve_generate_path
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeGenerate)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    try:
+        path = serve_generate_path(f"http://127.0.0.1:{srv.server_address[1]}", "medical", chunk=2)
+        got = path.run([{"id": "1"}, b'{"id": "2", "text": "unterminated', {"id": "3"}, {"id": "4"}])
+    finally:
+        srv.shutdown()
+    assert [r.id for r in got] == ["", "1", "3", "4"]
+    assert got[0].error is not None and got[0].error.code == "bad_json"
+    assert [r.generated.text for r in got[1:] if r.generated] == ["text 1", "text 3", "text 4"]
+
+
+def test_verify_generate_needs_a_generative_head(tiny_packages: dict[str, Path]) -> None:
+    with pytest.raises(SystemExit, match="has no exported generative head"):
+        main(["verify", str(tiny_packages["retail"]), "--generate", "-n", "2"])

@@ -50,16 +50,10 @@ def load_decoder(package_dir: Path, allowed_uri_schemes: list[str]):
     featurizes), from a manifest and the files preprocessing needs
     (tokenizer), each verified against the manifest's sha256."""
     from pipeline.config import MediaConfig
-    from pipeline.errors import PackageError
-    from pipeline.package import ModelPackage, read_manifest, sha256_file
+    from pipeline.package import load_package_copy
     from pipeline.predictor import Predictor
 
-    manifest = read_manifest(package_dir)
-    pkg = ModelPackage(package_dir, manifest)
-    for rel, digest in manifest.files.items():
-        path = package_dir / rel
-        if path.is_file() and sha256_file(path) != digest:
-            raise PackageError(f"checksum mismatch for {rel} in {package_dir} (file altered or corrupt)")
+    pkg = load_package_copy(package_dir)
     # Online callers must not make the server read its own files: no URIs
     # unless the config lists schemes.
     return Predictor(pkg, None, media=MediaConfig(allowed_uri_schemes=allowed_uri_schemes), path="triton")
