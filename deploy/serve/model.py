@@ -218,10 +218,8 @@ class ModelRuntime:
             path="online", metrics=self.metrics,
         )
         if any(v.startswith("generate-") for v in pkg.manifest.variants):
-            self.generator = Generator(pkg, engine_cfg, cfg.generate, cfg.limits)
-            # Online callers send media inline only: the Predictor's preprocessor
-            # (ONLINE_MEDIA), never one that would read the server's files.
-            self.generator.preprocessor = self.predictor.pre
+            # Online callers send media inline only (ONLINE_MEDIA): never make the server read its files.
+            self.generator = Generator(pkg, engine_cfg, cfg.generate, cfg.limits, media=ONLINE_MEDIA)
         self.version = pkg.version
         self.labels = {"path": "online", "workload": pkg.spec.name, "model": pkg.name}
         self.max_batch_records = self.predictor.pre.limits.max_batch_records
