@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from bench.machine import cpu_flags  # noqa: E402
 from exporters.generative import export_generative  # noqa: E402
 from exporters.package import build_package  # noqa: E402
-from pipeline.config import EngineConfig  # noqa: E402
+from pipeline.config import EngineConfig, GenerateConfig  # noqa: E402
 from pipeline.generate import OrtBackend, decode, generation_variant  # noqa: E402
 from pipeline.package import ModelPackage  # noqa: E402
 from pipeline.preprocess import Preprocessor  # noqa: E402
@@ -95,7 +95,10 @@ def bench(pkg: ModelPackage, batches: list[int], lengths: list[int], rounds: int
     torch.set_num_threads(threads)
     info = generation_variant(pkg, "fp32")
     files = {g: pkg.path(f) for g, f in info["graphs"].items()}
-    backends = {"ort": OrtBackend(files, EngineConfig(device="cpu", threads=threads), io_binding=False),
+    # ONNX Runtime as the Generator runs it (its default generate settings); eager with ``threads``.
+    backends = {"ort": OrtBackend(files, EngineConfig(device="cpu", threads=threads), io_binding=False,
+                                  decoder_threads=None if GenerateConfig().decoder_threads == "auto"
+                                  else GenerateConfig().decoder_threads),
                 "eager": TorchBackend(load_model(pkg.path("model/model.safetensors").parent))}
     pre = Preprocessor.for_package(pkg)
     prepared = [pre.prepare(s.record) for s in sample_data.generate("retail", max(batches), seed=5)]

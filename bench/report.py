@@ -115,8 +115,11 @@ def batch_section(data: dict) -> str:
         "",
         f"`python bench/batch.py` on {m.get('cpus', '?')} CPU cores; {data['workload']} workload, ONNX Runtime fp32, "
         f"batch {data['batch']}; the same JSONL records through a plain `Predictor` loop and through `mmpipe batch` "
-        "(decode tasks, inference actors writing their own files, one Delta Lake commit; its own local Ray).  "
-        "End to end includes starting Ray; steady is the pipeline stage alone.",
+        "(its default layout on CPUs: one actor per CPU, each reading, decoding, inferring and writing whole "
+        "shards; one Delta Lake commit; its own local Ray).  End to end is from the job's start to its last "
+        "shard written, Ray's start and the actors' model loading included (the commit is listed in the JSON); "
+        "steady is the pipeline stage alone (actors' start included).  "
+        f"Load average at the start of the run: {m.get('load_average_at_start', ['?'])[0]}.",
         "",
         "| model | run | records | records/s end to end | x loop | records/s steady | x loop (steady) | peak RSS MB |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

@@ -31,6 +31,7 @@ token ids), and :class:`GenerationResult` keeps it out of its repr.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -254,9 +255,13 @@ class OrtBackend:
     logged once."""
 
     def __init__(self, files: dict[str, Any], engine: EngineConfig, io_binding: bool = True,
-                 bind_device: str | None = None) -> None:
+                 bind_device: str | None = None, decoder_threads: int | None = 0, wide_from: int = 8) -> None:
         """``bind_device``: use I/O binding on this ORT device type whatever
-        the provider (``"cpu"`` runs the binding path where no GPU is)."""
+        the provider (``"cpu"`` runs the binding path where no GPU is).
+        ``decoder_threads``: intra-op threads of the two decoder graphs (0:
+        ``engine.threads``; None: one thread for batches under ``wide_from``
+        sequences and ``engine.threads`` from there, with a session of each);
+        the encoder runs once per call with the engine's threads."""
         from pipeline.engines.onnx_engine import CPU, OnnxRuntimeEngine
 
         common = {"device": engine.device, "providers": engine.providers, "threads": engine.threads,
@@ -264,7 +269,18 @@ class OrtBackend:
         import onnxruntime
 
         self._ort = onnxruntime
-        self.sessions = {g: OnnxRuntimeEngine(files[g], **common).session for g in GRAPHS}
+
+        def session(graph: str, threads: int) -> Any:
+            return OnnxRuntimeEngine(files[graph], **{**common, "threads": threads}).session
+
+        narrow = engine.threads if decoder_threads == 0 else (decoder_threads or 1)
+        self.sessions = {"encoder": session("encoder", engine.threads),
+                         **{g: session(g, narrow) for g in GRAPHS[1:]}}
+        self._wide: dict[str, Any] = {}
+        self.wide_from = wide_from
+        if decoder_threads is None and engine.threads != 1 and (os.cpu_count() or 1) > 1:
+            self._wide = {g: session(g, engine.threads) for g in GRAPHS[1:]}
+        self._use_wide = False
         self.provider = self.sessions["decoder_step"].get_providers()[0]
         self.on_device = bind_device is not None or (io_binding and self.provider != CPU)
         if io_binding and not self.on_device:
@@ -288,7 +304,9 @@ class OrtBackend:
         return binding.get_outputs()[0]
 
     def _run(self, graph: str, small: dict[str, np.ndarray], big: dict[str, Any]) -> tuple[np.ndarray, Any]:
-        sess = self.sessions[graph]
+        if graph == "decoder_init":  # one choice per call: every step of a batch runs on the same threads
+            self._use_wide = bool(self._wide) and len(small["input_ids"]) >= self.wide_from
+        sess = (self._wide if self._use_wide else self.sessions)[graph]
         if not self.on_device:  # OrtValues in and out: the cache is handed back without a numpy copy
             ort_value = self._ort.OrtValue.ortvalue_from_numpy
             arrays = {k: np.ascontiguousarray(v) for k, v in small.items()}  # alive while the run reads them
@@ -360,7 +378,8 @@ class Generator:
         self.preprocessor = Preprocessor.for_package(package, limits, media)
         if backend is None:
             files = {g: package.path(f) for g, f in info["graphs"].items()}
-            backend = OrtBackend(files, engine, self.config.io_binding)
+            threads = None if self.config.decoder_threads == "auto" else self.config.decoder_threads
+            backend = OrtBackend(files, engine, self.config.io_binding, decoder_threads=threads)
         self.backend = backend
 
     # -- public API ---------------------------------------------------------------

@@ -368,3 +368,19 @@ def test_generated_text_and_records_never_logged(server, expected) -> None:
     for w in expected:
         if len(w.text or "") >= 8:  # shorter texts could be in any log by chance
             assert w.text not in log
+
+
+def test_verify_compares_serve_generation_with_in_process(server, generative_package, records) -> None:
+    """``mmpipe verify``'s generation paths against the real route: Serve's
+    text equals in-process generation's, record by record (a broken record
+    is answered by both with the same reason code)."""
+    from pipeline.config import Settings
+    from pipeline.tooling.verify import compare_generated, generate_path, run_paths, serve_generate_path
+
+    pkg = load_package(generative_package)
+    settings = Settings(engine=EngineConfig(kind="onnxruntime", device="cpu", threads=1))
+    runs = run_paths([generate_path(pkg, settings), serve_generate_path(server.url, pkg.spec.name)],
+                     [*records, b"{not json"])
+    assert all(r.error is None for r in runs), [r.error for r in runs]
+    cell = compare_generated(*runs)
+    assert cell.passed and cell.missing == 0 and cell.compared == len(records) + 1, cell
