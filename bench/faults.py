@@ -47,6 +47,10 @@ def run(out: Path = OUT, pytest_args: list[str] | None = None) -> dict[str, Any]
     data["wall_s"] = round(wall, 1)
     data["all_passed"] = rc == 0 and data.get("all_passed", False)
     data["command"] = "python -m bench.faults" + "".join(f" {a}" for a in pytest_args or [])
+    sys.path.insert(0, str(ROOT))
+    from bench.machine import fault_aims
+
+    data["aims"] = fault_aims(data)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
     return data

@@ -28,3 +28,26 @@ def model_axes(rows: list[dict[str, Any]]) -> tuple[Any, list[tuple[Any, str, li
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     return fig, [(ax, m, [r for r in rows if r["model"] == m]) for ax, m in zip(axes[0], models, strict=True)]
+
+
+def aim(name: str, value: float | None, target: float, higher: bool = True) -> dict[str, Any]:
+    """One entry of a benchmark JSON's ``"aims"``: met when ``value`` reaches
+    ``target`` (at least, or at most with ``higher=False``)."""
+    met = value is not None and (value >= target if higher else value <= target)
+    return {"name": name, "value": value, "target": target, "met": met}
+
+
+def fault_aims(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The fault suite's aims: no record lost in any case, no unexpected
+    duplicate, every case run."""
+    cases = data.get("cases") or []
+    return [aim("records lost, all fault cases", sum(c["losses"] for c in cases), 0, higher=False),
+            aim("fault cases failed or skipped", len(data.get("failed") or []) + len(data.get("skipped") or []), 0,
+                higher=False)]
+
+
+def parity_aims(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The parity matrix's aim: every pair of paths within its variant's tolerance."""
+    pairs = list((data.get("pairs") or {}).values())
+    share = sum(bool(p["passed"]) for p in pairs) / len(pairs) if pairs else None
+    return [aim("path pairs within tolerance (share)", share, 1.0)]

@@ -51,6 +51,10 @@ def run(out: Path = OUT, models: str = "demo", pytest_args: list[str] | None = N
     data["passed"] = rc == 0 and bool(data.get("passed"))
     data["command"] = "python -m bench.parity" + ("" if models == "demo" else f" --models {models}")
     data["machine"] = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+    sys.path.insert(0, str(ROOT))
+    from bench.machine import parity_aims
+
+    data["aims"] = parity_aims(data)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
     return data

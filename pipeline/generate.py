@@ -280,7 +280,6 @@ class OrtBackend:
         self.wide_from = wide_from
         if decoder_threads is None and engine.threads != 1 and (os.cpu_count() or 1) > 1:
             self._wide = {g: session(g, engine.threads) for g in GRAPHS[1:]}
-        self._use_wide = False
         self.provider = self.sessions["decoder_step"].get_providers()[0]
         self.on_device = bind_device is not None or (io_binding and self.provider != CPU)
         if io_binding and not self.on_device:
@@ -304,9 +303,10 @@ class OrtBackend:
         return binding.get_outputs()[0]
 
     def _run(self, graph: str, small: dict[str, np.ndarray], big: dict[str, Any]) -> tuple[np.ndarray, Any]:
-        if graph == "decoder_init":  # one choice per call: every step of a batch runs on the same threads
-            self._use_wide = bool(self._wide) and len(small["input_ids"]) >= self.wide_from
-        sess = (self._wide if self._use_wide else self.sessions)[graph]
+        # By the batch's size (constant through a call), with no state kept:
+        # a Generator serves concurrent calls from several threads.
+        wide = bool(self._wide) and len(small["input_ids"]) >= self.wide_from
+        sess = (self._wide if wide else self.sessions)[graph]
         if not self.on_device:  # OrtValues in and out: the cache is handed back without a numpy copy
             ort_value = self._ort.OrtValue.ortvalue_from_numpy
             arrays = {k: np.ascontiguousarray(v) for k, v in small.items()}  # alive while the run reads them

@@ -78,13 +78,9 @@ def server(packages: dict[str, ModelPackage], tmp_path_factory: pytest.TempPathF
                           max_queue_delay_us=20_000, preprocess_instance_count=1)
         which = repository_models(pkg.name)
         models += which["cpu"] + [pkg.name, f"{pkg.name}_ensemble"]
-    srv = ts.start_server(repo, sorted(set(models)), work,
-                          onnxruntime_standin=DEPLOY_DIR / "onnxruntime_cpu" / "model.py")
-    try:
+    with ts.served(ts.start_server(repo, sorted(set(models)), work,
+                                   onnxruntime_standin=DEPLOY_DIR / "onnxruntime_cpu" / "model.py")) as srv:
         yield srv
-    finally:
-        srv.stop()
-        assert not srv.group_alive(), "tritonserver or a python-backend stub outlived the test module"
 
 
 @pytest.fixture(scope="module")

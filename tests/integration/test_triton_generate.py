@@ -80,12 +80,8 @@ def server(package: ModelPackage, model: str, tmp_path_factory: pytest.TempPathF
     work = tmp_path_factory.mktemp("triton-generate")
     repo = build_triton_repo(package.root, work / "repo", instance_kind="cpu", preprocess_instance_count=1,
                              generate_config=CONFIG)
-    srv = ts.start_server(repo, [model], work)
-    try:
+    with ts.served(ts.start_server(repo, [model], work)) as srv:
         yield srv
-    finally:
-        srv.stop()
-        assert not srv.group_alive(), "tritonserver or a python-backend stub outlived the test module"
 
 
 @pytest.fixture(scope="module")

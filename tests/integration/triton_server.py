@@ -10,7 +10,9 @@ listen on loopback only, on free ports, and load explicitly named models.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from deploy.triton.server import (
@@ -44,6 +46,7 @@ __all__ = [
     "onnx_package",
     "prepare_tree",
     "repository_model_names",
+    "served",
     "server_env",
     "start_server",
 ]
@@ -76,3 +79,14 @@ def onnx_package(src: Path, root: Path, samples: int = 12) -> Path:
     export_package(tmp, ("fp32",), sample_records=records)
     tmp.rename(dst)
     return dst
+
+
+@contextlib.contextmanager
+def served(srv: TritonServer) -> Iterator[TritonServer]:
+    """A started server for a test module: stopped at the end, and no
+    tritonserver or python-backend stub may outlive it."""
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        assert not srv.group_alive(), "tritonserver or a python-backend stub outlived the test module"
