@@ -202,7 +202,7 @@ def batch_counters(t: Target) -> dict[str, float]:
     nv_inference_count / nv_inference_exec_count of the model."""
     if t.api == "echo":
         return {}
-    if t.server == "ray":
+    if t.server.startswith("ray"):
         s = scrape(t.metrics_url, ("mmpipe_batch_size_sum", "mmpipe_batch_size_count"))
         return {"rows": s.get("mmpipe_batch_size_sum", 0.0), "calls": s.get("mmpipe_batch_size_count", 0.0)}
     s = scrape(t.metrics_url, ("nv_inference_count", "nv_inference_exec_count"), label=f'model="{t.model}"')

@@ -59,6 +59,9 @@ DATATYPES: dict[str, np.dtype] = {
 
 _BY_NUMPY = {str(dt): name for name, dt in DATATYPES.items() if name != "BYTES"}
 _BY_NUMPY.update({"object": "BYTES", "string": "BYTES", "bytes": "BYTES", "str": "BYTES"})
+_BY_DTYPE: dict[np.dtype, str] = {dt: name for name, dt in DATATYPES.items()}
+"""The same lookup keyed by the dtype object: every request asks it once per
+tensor, and ``str(dtype)`` costs more than the rest of the check."""
 
 
 class OipError(ValueError):
@@ -112,7 +115,11 @@ class InferRequest:
 def datatype_of(dtype: str | np.dtype) -> str:
     """Protocol datatype of a numpy dtype (or a signature's dtype name);
     numpy bytes/str arrays are ``BYTES`` too."""
-    if isinstance(dtype, str) and dtype in _BY_NUMPY:
+    if isinstance(dtype, np.dtype):
+        known = _BY_DTYPE.get(dtype)
+        if known is not None:
+            return known
+    elif isinstance(dtype, str) and dtype in _BY_NUMPY:
         return _BY_NUMPY[dtype]
     try:
         dt = np.dtype(dtype)
@@ -410,10 +417,14 @@ def validate_inputs(
     where: dict[str, str] = {}
     for s in specs:
         arr = inputs[s.name]
+        want_type, got_type = datatype_of(s.dtype), datatype_of(arr.dtype)
+        if got_type != want_type:
+            raise OipError(f"input {s.name!r}: datatype {got_type}, expected {want_type}")
+        if arr.ndim == len(s.shape) and all(  # the common case, checked without building messages
+                n == d if isinstance(d, int) else dims.setdefault(d, n) == n for d, n in zip(s.shape, arr.shape)):
+            where.update((d, s.name) for d in s.shape if isinstance(d, str) and d not in where)
+            continue
         expected = tensor_metadata(s.name, s.dtype, s.shape)
-        got_type = datatype_of(arr.dtype)
-        if got_type != expected["datatype"]:
-            raise OipError(f"input {s.name!r}: datatype {got_type}, expected {expected['datatype']}")
         if arr.ndim != len(s.shape):
             raise OipError(
                 f"input {s.name!r}: shape {list(arr.shape)} has rank {arr.ndim}, expected shape "

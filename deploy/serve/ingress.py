@@ -31,19 +31,18 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 import traceback
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from ray import serve
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from deploy.serve import grpc_oip
 from deploy.serve.config import SERVER, ModelRoute, UserConfig, request_limits
@@ -76,22 +75,41 @@ _JSON_FIELDS = ("tabular", "metadata")
 _OFFLOAD_BYTES = 256 * 1024
 """Bodies above this are parsed and encoded in a worker thread, not on the event loop."""
 
-app = FastAPI(title="mmpipe", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+_NAME = r"(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
+ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = tuple(
+    (method, re.compile(pattern), handler) for method, pattern, handler in (
+        ("POST", rf"/v2/models/{_NAME}/infer", "infer"),  # the hot route first
+        ("POST", r"/v1/(?P<workload>[^/]+)/predict", "predict"),
+        ("POST", r"/v1/(?P<workload>[^/]+)/generate", "generate"),
+        ("GET", r"/v2/health/live", "live"),
+        ("GET", r"/v2/health/ready", "ready"),
+        ("GET", r"/v2", "server_metadata"),
+        ("GET", rf"/v2/models/{_NAME}", "model_metadata"),
+        ("GET", rf"/v2/models/{_NAME}/config", "model_config"),
+        ("GET", rf"/v2/models/{_NAME}/ready", "model_ready"),
+        ("GET", r"/metrics", "metrics_endpoint"),
+    ))
+"""(method, path relative to the application's route prefix, ``Server``
+method).  The server routes requests itself rather than through a web
+framework's router: on the replica's one event loop every microsecond per
+request is throughput, and this table is the whole of what routing needs."""
 
 
-@app.exception_handler(StarletteHTTPException)
-async def _route_error(request: Request, exc: StarletteHTTPException) -> Response:
-    """Unknown routes and methods answer the protocol's ``{"error": ...}``
-    (tritonclient cannot read FastAPI's ``{"detail": ...}``)."""
-    what = "no such route" if exc.status_code == 404 else str(exc.detail)
-    return Response(error_body(f"{what}: {request.method} {request.url.path}"), status_code=exc.status_code,
-                    media_type="application/json", headers=getattr(exc, "headers", None))
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-    return Response(error_body(f"malformed request: {request.method} {request.url.path}"), status_code=400,
-                    media_type="application/json")
+def route(method: str, path: str) -> tuple[str, dict[str, str | None]] | list[str]:
+    """(handler, path parameters) of a request, or the methods the path
+    takes when it takes others (405), or ``[]`` when no route has the path
+    (404).  HEAD is answered as GET; one trailing slash is ignored."""
+    if len(path) > 1 and path.endswith("/"):
+        path = path[:-1]
+    method = "GET" if method == "HEAD" else method
+    allowed: list[str] = []
+    for m, pattern, handler in ROUTES:
+        match = pattern.fullmatch(path)
+        if match is not None:
+            if m == method:
+                return handler, match.groupdict()
+            allowed.append(m)
+    return allowed
 
 
 class HttpError(Exception):
@@ -288,14 +306,17 @@ def _replica_threads() -> int:
 # decorated class by value at decoration time, with the globals that exist then.
 # Replica count and autoscaling are left to the Serve config: set here, a
 # config's `num_replicas` would be silently overridden by this autoscaling.
+# Serve's per-request access log is off by default (a formatted, rotated file
+# line per request is about 4% of the replica's interpreter time); a Serve
+# config turns it back on with `logging_config: {enable_access_log: true}`.
 @serve.deployment(
     name=SERVER,
     max_ongoing_requests=64,
     ray_actor_options={"num_cpus": 1, "num_gpus": 0},
     user_config=UserConfig().model_dump(),
     health_check_period_s=10,
+    logging_config={"enable_access_log": False},
 )
-@serve.ingress(app)
 class Server:
     """Every model of the application, answering HTTP and gRPC itself (see the module docstring)."""
 
@@ -371,33 +392,38 @@ class Server:
             self.publisher.mark()
 
     # -- health and metadata ------------------------------------------------------------------
-    @app.get("/v2/health/live")
-    async def live(self) -> Response:
+    # -- HTTP ------------------------------------------------------------------------------------
+    async def __call__(self, request: Request) -> Response:
+        """Every HTTP request: routed by :data:`ROUTES` to a handler taking
+        the request and its path parameters.  Unknown routes and methods
+        answer the protocol's ``{"error": ...}`` (tritonclient cannot read
+        any other shape)."""
+        scope = request.scope
+        path, root = scope["path"], scope.get("root_path", "")
+        found = route(request.method, path[len(root):] if root and path.startswith(root) else path)
+        if isinstance(found, tuple):
+            handler, params = found
+            return await getattr(self, handler)(request, **params)
+        if found:
+            return Response(error_body(f"method not allowed: {request.method} {path}"), status_code=405,
+                            media_type="application/json", headers={"Allow": ", ".join(sorted(set(found)))})
+        return _oip_error(404, f"no such route: {request.method} {path}")
+
+    # -- health and metadata ------------------------------------------------------------------
+    async def live(self, request: Request) -> Response:
         return Response(status_code=200)
 
-    @app.get("/v2/health/ready")
-    async def ready(self) -> Response:
+    async def ready(self, request: Request) -> Response:
         down = self._not_ready()
         return _oip_error(503, f"models not ready: {down}") if down else Response(status_code=200)
 
-    @app.get("/v2")
-    async def server_metadata(self) -> Response:
+    async def server_metadata(self, request: Request) -> Response:
         return JSONResponse(_SERVER_METADATA)
 
-    @app.get("/v2/models/{name}")
-    async def model_metadata(self, name: str) -> Response:
-        return await self._guard(lambda: self._described(name, None, "metadata"))
-
-    @app.get("/v2/models/{name}/versions/{version}")
-    async def model_version_metadata(self, name: str, version: str) -> Response:
+    async def model_metadata(self, request: Request, name: str, version: str | None) -> Response:
         return await self._guard(lambda: self._described(name, version, "metadata"))
 
-    @app.get("/v2/models/{name}/config")
-    async def model_config(self, name: str) -> Response:
-        return await self._guard(lambda: self._described(name, None, "config"))
-
-    @app.get("/v2/models/{name}/versions/{version}/config")
-    async def model_version_config(self, name: str, version: str) -> Response:
+    async def model_config(self, request: Request, name: str, version: str | None) -> Response:
         return await self._guard(lambda: self._described(name, version, "config"))
 
     def describe(self, name: str, version: str | None, what: str) -> dict[str, Any] | Failure:
@@ -411,12 +437,7 @@ class Server:
             return _oip_error(got.status, got.message)
         return JSONResponse(got)
 
-    @app.get("/v2/models/{name}/ready")
-    async def model_ready(self, name: str) -> Response:
-        return await self._guard(lambda: self._model_ready(name, None))
-
-    @app.get("/v2/models/{name}/versions/{version}/ready")
-    async def model_version_ready(self, name: str, version: str) -> Response:
+    async def model_ready(self, request: Request, name: str, version: str | None) -> Response:
         return await self._guard(lambda: self._model_ready(name, version))
 
     async def _model_ready(self, name: str, version: str | None) -> Response:
@@ -424,12 +445,7 @@ class Server:
         return Response(status_code=200) if model.ready else _oip_error(503, f"model {name!r} is not ready")
 
     # -- inference --------------------------------------------------------------------------------
-    @app.post("/v2/models/{name}/infer")
-    async def infer(self, name: str, request: Request) -> Response:
-        return await self._guard(lambda: self._infer(name, None, request))
-
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer_version(self, name: str, version: str, request: Request) -> Response:
+    async def infer(self, request: Request, name: str, version: str | None) -> Response:
         return await self._guard(lambda: self._infer(name, version, request))
 
     async def _infer(self, name: str, version: str | None, request: Request) -> Response:
@@ -457,8 +473,7 @@ class Server:
         return Response(out, media_type="application/octet-stream", headers={HEADER_LENGTH: str(hlen)})
 
     # -- the friendly API ---------------------------------------------------------------------------
-    @app.post("/v1/{workload}/predict")
-    async def predict(self, workload: str, request: Request) -> Response:
+    async def predict(self, request: Request, workload: str) -> Response:
         return await self._guard(lambda: self._predict(workload, request), friendly=True)
 
     async def _predict(self, workload: str, request: Request) -> Response:
@@ -484,8 +499,7 @@ class Server:
             return _v1_error(lines.status, "model_not_ready" if lines.status == 503 else "error", lines.message)
         return Response(_json_lines_body(lines, single), media_type="application/json")
 
-    @app.post("/v1/{workload}/generate")
-    async def generate(self, workload: str, request: Request) -> Response:
+    async def generate(self, request: Request, workload: str) -> Response:
         return await self._guard(lambda: self._generate(workload, request), friendly=True)
 
     def _workload_model(self, workload: str) -> ModelRuntime:
@@ -576,8 +590,7 @@ class Server:
         return record
 
     # -- metrics --------------------------------------------------------------------------------------
-    @app.get("/metrics")
-    async def metrics_endpoint(self) -> Response:
+    async def metrics_endpoint(self, request: Request) -> Response:
         async def run() -> Response:
             if self._hub is None:
                 self._hub = await asyncio.to_thread(get_hub, self.app_name)

@@ -201,9 +201,18 @@ class ModelRuntime:
         except Exception as exc:  # any load failure: not ready, never serving
             self.load_error = f"{type(exc).__name__}: {exc}"
             log_event(logger, logging.ERROR, "model_load_failed", model=name, error=self.load_error[:2000])
-        self._queue_depth = metrics.queue_depth.labels(**self.labels)
-        self._queue_wait = metrics.stage_seconds.labels(**self.labels, stage="queue")
-        self._request = metrics.request_seconds.labels(**self.labels)
+        self.bind_metrics()
+
+    def bind_metrics(self) -> None:
+        """The model's metric children, looked up once: a ``labels()`` call
+        per request is measurable on the replica's one event loop."""
+        m = self.metrics
+        self._queue_depth = m.queue_depth.labels(**self.labels)
+        self._queue_wait = m.stage_seconds.labels(**self.labels, stage="queue")
+        self._request = m.request_seconds.labels(**self.labels)
+        self._records_ok = m.records.labels(**self.labels, outcome="ok")
+        self._infer_seconds = m.stage_seconds.labels(**self.labels, stage="infer")
+        self._batch_size = m.batch_size.labels(**self.labels)
 
     def _load(self, package: str, workload: str, cfg: Settings, threads: int) -> None:
         pkg = load_package(package)
@@ -361,7 +370,7 @@ class ModelRuntime:
         if isinstance(outputs, Failure):
             return outputs
         if kind == "model":
-            self.metrics.records.labels(**self.labels, outcome="ok").inc(dims["batch"])
+            self._records_ok.inc(dims["batch"])
         self._request.observe(time.perf_counter() - t0)
         return TensorReply({n: outputs[n] for n in requested or names}, self.version)
 
@@ -390,7 +399,7 @@ class ModelRuntime:
         if isinstance(outputs, Failure):
             return outputs
         outputs.update({n: feats[n] for n in ENSEMBLE_EXTRA if n in feats})
-        self.metrics.records.labels(**self.labels, outcome="ok").inc(ok)  # rejections: counted by decode
+        self._records_ok.inc(ok)  # rejections: counted by decode
         return outputs
 
     @serve.batch(max_batch_size=_DEFAULTS.max_batch_size, batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
@@ -426,8 +435,8 @@ class ModelRuntime:
             for i, part in zip(idx, self._split([calls[i] for i in idx], got), strict=True):
                 out[i] = part
         rows = sum(c.dims["batch"] for c in calls)
-        self.metrics.stage_seconds.labels(**self.labels, stage="infer").observe(time.perf_counter() - t0)
-        self.metrics.batch_size.labels(**self.labels).observe(rows)
+        self._infer_seconds.observe(time.perf_counter() - t0)
+        self._batch_size.observe(rows)
         return out
 
     def _split(self, calls: list[_TensorCall], outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -128,3 +129,18 @@ def test_conversations_travel_with_their_rows() -> None:
     assert [p.messages for p in again] == [None, conv] and [p.id for p in again] == ["r0", "r1"]
     assert again[1].features["input_ids"].tolist() == rows[1].features["input_ids"].tolist()
     assert again[1].present == rows[1].present and again[1].offsets == rows[1].offsets
+
+
+def test_pad_concat_fills_one_buffer_and_refuses_parts_that_do_not_fit() -> None:
+    a = np.arange(6, dtype=np.int64).reshape(2, 3)
+    b = np.arange(2, dtype=np.int32).reshape(1, 2)
+    got = pad_concat([a, b], (1,), value=-1)
+    assert got.dtype == np.int64 and got.tolist() == [[0, 1, 2], [3, 4, 5], [0, 1, -1]]
+    assert pad_concat([a], (1,)) is a  # nothing to pad: the part itself
+    assert pad_concat([b], (1,), lengths={1: 4}).tolist() == [[0, 1, 0, 0]]
+    same = pad_concat([a, a + 6])
+    assert same.tolist() == np.arange(12).reshape(4, 3).tolist()
+    with pytest.raises(ValueError, match="cannot concatenate"):
+        pad_concat([a, np.zeros((1, 1), np.int64)])  # a fixed axis differs: never broadcast
+    with pytest.raises(ValueError, match="longer than"):
+        pad_concat([a], (1,), lengths={1: 2})

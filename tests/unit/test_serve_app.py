@@ -173,6 +173,7 @@ def _runtime(engine: _Engine) -> ModelRuntime:
     rt.var_axes = {s.name: tuple(i for i, d in enumerate(s.shape) if isinstance(d, str) and d != "batch")
                    for s in [*SIG_IN, *SIG_OUT]}
     rt.pad_values = {"input_ids": 0}
+    rt.bind_metrics()
     return rt
 
 
