@@ -450,17 +450,18 @@ class Server:
 
     async def _infer(self, name: str, version: str | None, request: Request) -> Response:
         model, kind = self._resolve(name)
-        ctype = _content_type(request)
-        if ctype not in _INFER_TYPES:
-            raise HttpError(415, f"Content-Type {ctype!r} is not accepted here; send JSON, or JSON followed by "
-                            f"binary tensor data with {HEADER_LENGTH}", "unsupported_media_type")
-        body = await read_body(request, self.max_body)
-        body = decode_content(body, request.headers.get("content-encoding"), self.max_body)
-        req = await _offload(parse_infer_request, len(body), body, request.headers.get(HEADER_LENGTH))
-        if version:
-            self._checked(name, version)
-        requested = [o.name for o in req.outputs] if req.outputs is not None else None
-        reply = await model.infer(kind, req.inputs, requested)
+        with model.arrival(kind) as arrival:  # a batch forming now waits for this call
+            ctype = _content_type(request)
+            if ctype not in _INFER_TYPES:
+                raise HttpError(415, f"Content-Type {ctype!r} is not accepted here; send JSON, or JSON followed by "
+                                f"binary tensor data with {HEADER_LENGTH}", "unsupported_media_type")
+            body = await read_body(request, self.max_body)
+            body = decode_content(body, request.headers.get("content-encoding"), self.max_body)
+            req = await _offload(parse_infer_request, len(body), body, request.headers.get(HEADER_LENGTH))
+            if version:
+                self._checked(name, version)
+            requested = [o.name for o in req.outputs] if req.outputs is not None else None
+            reply = await model.infer(kind, req.inputs, requested, arrival)
         if isinstance(reply, Failure):
             return _oip_error(reply.status, reply.message)
         out, hlen = await _offload(
@@ -494,7 +495,8 @@ class Server:
         for rec in records:
             if isinstance(rec, dict):
                 rec.setdefault("workload", workload)
-        lines = await model.predict(records)
+        with model.arrival("records") as arrival:
+            lines = await model.predict(records, arrival)
         if isinstance(lines, Failure):
             return _v1_error(lines.status, "model_not_ready" if lines.status == 503 else "error", lines.message)
         return Response(_json_lines_body(lines, single), media_type="application/json")
@@ -644,8 +646,9 @@ class Server:
         """The gRPC twin of ``POST /v2/models/NAME/infer``: same checks, same messages."""
         try:
             model, kind = self._checked(request.model_name, request.model_version or None)
-            inputs, requested = grpc_oip.parse_request(request)
-            reply = await model.infer(kind, inputs, requested)
+            with model.arrival(kind) as arrival:
+                inputs, requested = grpc_oip.parse_request(request)
+                reply = await model.infer(kind, inputs, requested, arrival)
         except (HttpError, OipError) as exc:
             reply = Failure(exc.status, exc.message)
         except Exception as exc:

@@ -19,7 +19,8 @@ calls:
   raw records to a package's generative head (``NAME_generate``, a
   decoupled model), when the package carries one.
 
-Concurrent calls are merged by ``@serve.batch``: tensor calls into one
+Concurrent calls are merged by a :class:`~deploy.serve.batching.Batcher`
+(formed when the engine is free, not by the clock): tensor calls into one
 engine call (:func:`pipeline.columnar.pad_concat`, split back with
 :func:`pipeline.columnar.cut_rows`), record calls into one
 :meth:`~pipeline.columnar.ColumnarBatch.merge` and one
@@ -55,8 +56,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-from ray import serve
 
+from deploy.serve.batching import NO_ARRIVAL, Arrival, Batcher
 from deploy.serve.config import ONLINE_MEDIA, UserConfig
 from pipeline.columnar import ColumnarBatch, cut_rows, pad_concat
 from pipeline.config import Settings
@@ -202,6 +203,10 @@ class ModelRuntime:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log_event(logger, logging.ERROR, "model_load_failed", model=name, error=self.load_error[:2000])
         self.bind_metrics()
+        self._tensors: Batcher[_TensorCall, dict[str, np.ndarray] | Failure] = Batcher(
+            self._tensor_batch, _DEFAULTS.max_batch_size, _DEFAULTS.batch_wait_timeout_s)
+        self._records: Batcher[_RecordsCall, ResultBatch] = Batcher(
+            self._records_batch, _DEFAULTS.max_batch_size, _DEFAULTS.batch_wait_timeout_s)
 
     def bind_metrics(self) -> None:
         """The model's metric children, looked up once: a ``labels()`` call
@@ -258,10 +263,18 @@ class ModelRuntime:
 
     # -- configuration ------------------------------------------------------------------
     def reconfigure(self, uc: UserConfig) -> None:
-        """Apply batching settings without a restart."""
-        for method in (self._tensor_batch, self._records_batch):
-            method.set_max_batch_size(uc.max_batch_size)
-            method.set_batch_wait_timeout_s(uc.batch_wait_timeout_s)
+        """Apply batching settings without a restart (from the next batch on)."""
+        for batcher in (self._tensors, self._records):
+            batcher.configure(uc.max_batch_size, uc.batch_wait_timeout_s)
+
+    def arrival(self, kind: str) -> Arrival:
+        """Announce a call of ``kind`` (``model``, ``ensemble``, ``records``)
+        whose request is still being read: a batch that could take it waits
+        for it (see :mod:`deploy.serve.batching`).  Use it as a ``with``
+        block and hand it to :meth:`infer` / :meth:`predict`."""
+        if self.predictor is None or kind == "generate":
+            return NO_ARRIVAL
+        return (self._records if kind == "records" else self._tensors).arrival()
 
     # -- status -------------------------------------------------------------------------------
     @property
@@ -344,6 +357,7 @@ class ModelRuntime:
 
     async def infer(
         self, kind: str, inputs: dict[str, np.ndarray], requested: list[str] | None = None,
+        arrival: Arrival = NO_ARRIVAL,
     ) -> TensorReply | Failure:
         """Raw tensors in, logits out (``kind`` ``model`` or ``ensemble``)."""
         if self.predictor is None:
@@ -364,9 +378,9 @@ class ModelRuntime:
         except OipError as exc:
             return Failure(exc.status, exc.message)
         if kind == "model":
-            outputs = await self._run_tensors(inputs, dims)
+            outputs = await self._run_tensors(inputs, dims, arrival)
         else:
-            outputs = await self._run_ensemble(inputs[RECORD])
+            outputs = await self._run_ensemble(inputs[RECORD], arrival)
         if isinstance(outputs, Failure):
             return outputs
         if kind == "model":
@@ -374,12 +388,12 @@ class ModelRuntime:
         self._request.observe(time.perf_counter() - t0)
         return TensorReply({n: outputs[n] for n in requested or names}, self.version)
 
-    async def _run_tensors(self, feeds: dict[str, np.ndarray], dims: dict[str, int]
+    async def _run_tensors(self, feeds: dict[str, np.ndarray], dims: dict[str, int], arrival: Arrival
                            ) -> dict[str, np.ndarray] | Failure:
         self._queue_depth.inc()
-        return await self._tensor_batch(_TensorCall(time.perf_counter(), feeds, dims))
+        return await self._tensors.submit(_TensorCall(time.perf_counter(), feeds, dims), arrival)
 
-    async def _run_ensemble(self, records: np.ndarray) -> dict[str, np.ndarray] | Failure:
+    async def _run_ensemble(self, records: np.ndarray, arrival: Arrival) -> dict[str, np.ndarray] | Failure:
         """Records decoded into a columnar batch and padded to the model's
         length (Triton's preprocess model runs the same two functions), then
         the model like any tensor call."""
@@ -395,15 +409,15 @@ class ModelRuntime:
         call_dims = {"batch": len(raws)}
         if seq_len is not None:
             call_dims["sequence"] = seq_len
-        outputs = await self._run_tensors({s.name: feats[s.name] for s in self.inputs}, call_dims)
+        outputs = await self._run_tensors({s.name: feats[s.name] for s in self.inputs}, call_dims, arrival)
         if isinstance(outputs, Failure):
             return outputs
         outputs.update({n: feats[n] for n in ENSEMBLE_EXTRA if n in feats})
         self._records_ok.inc(ok)  # rejections: counted by decode
         return outputs
 
-    @serve.batch(max_batch_size=_DEFAULTS.max_batch_size, batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
     async def _tensor_batch(self, calls: list[_TensorCall]) -> list[dict[str, np.ndarray] | Failure]:
+        """The tensor batcher's engine call: merged calls in a worker thread."""
         self._dequeued(calls)
         return await asyncio.to_thread(self._engine_run, calls)
 
@@ -465,7 +479,7 @@ class ModelRuntime:
             self._queue_wait.observe(now - c.enqueued)
 
     # -- records --------------------------------------------------------------------------------
-    async def predict(self, records: list[Any]) -> list[bytes] | Failure:
+    async def predict(self, records: list[Any], arrival: Arrival = NO_ARRIVAL) -> list[bytes] | Failure:
         """Raw records in (dicts, JSON text or bytes), each record's result
         as one JSON document out, in order; a record that fails decoding
         gets its own error result."""
@@ -475,13 +489,13 @@ class ModelRuntime:
         batch = await asyncio.to_thread(self.predictor.decode, records)
         if len(batch):
             self._queue_depth.inc()
-            result = await self._records_batch(_RecordsCall(time.perf_counter(), batch))
+            result = await self._records.submit(_RecordsCall(time.perf_counter(), batch), arrival)
         else:
+            arrival.close()
             result = self.predictor.infer_batch(batch)  # rejections only: no engine call
         self._request.observe(time.perf_counter() - t0)
         return result.json_lines()
 
-    @serve.batch(max_batch_size=_DEFAULTS.max_batch_size, batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
     async def _records_batch(self, calls: list[_RecordsCall]) -> list[ResultBatch]:
         """Calls' batches merged, one ``infer_batch`` (which chunks by
         ``predict.batch_size``, isolates a record that breaks the engine and
