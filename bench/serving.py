@@ -791,7 +791,7 @@ def run_model(args: argparse.Namespace, which: str, work: Path) -> dict[str, Any
     clients, v1_clients, echo_clients = _ints(args.clients), _ints(args.v1_clients), _ints(args.echo_clients)
     modes = [m for m in args.throughput_modes.split(",") if m]
     wait_s = args.batch_wait_ms / 1e3
-    t_start = time.monotonic()
+    t_start, load_at_start = time.monotonic(), os.getloadavg()
     if args.package:
         src = Path(args.package)
     else:
@@ -881,8 +881,8 @@ def run_model(args: argparse.Namespace, which: str, work: Path) -> dict[str, Any
             triton_srv.stop()
     result: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "loadavg_at_end": os.getloadavg(),
-                    "shared": "other engineers' test runs shared these cores during the run"},
+                    "loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg(),
+                    "others": "each cell's cores.others is the CPU the rest of the machine used meanwhile"},
         "config": {
             "model": f"{which}: {pkg.name} (version {pkg.version}, onnx-fp32, {pkg.spec.name} workload)",
             "clients": clients, "v1_clients": v1_clients, "echo_clients": echo_clients,

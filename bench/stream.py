@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     alo = first["modes"]["at-least-once"]
     data: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "cpu_flags": cpu_flags(), "platform": platform.platform(),
-                    "python": platform.python_version(), "shared": "other work ran on this machine at the same time"},
+                    "python": platform.python_version(), "loadavg_at_end": os.getloadavg()},
         "kafka_python": client.kafka_python_version(), "crc32c": client.crc32c_impl(), "batch": args.batch,
         "wall_s": round(time.monotonic() - t0, 1), "models": models, "aims": aims(models),
         # The first model's at-least-once numbers, in the shape bench/report.py renders.
