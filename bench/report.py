@@ -226,6 +226,8 @@ def aims_section() -> str:
              "last run; the sections below give the details.", "",
              "| benchmark | aim | value | target | met |", "|---|---|---:|---:|:---:|"]
     for path in sorted(RESULTS.glob("*.json")):
+        if path.stem.endswith("-old-design"):  # a "before" kept for the notes: not the product's aims
+            continue
         data = json.loads(path.read_text())
         aims = data.get("aims") if isinstance(data, dict) else None
         if not isinstance(aims, list):
