@@ -251,3 +251,29 @@ def test_json_records() -> None:
         with pytest.raises(HttpError) as ei:
             _json_records(body)
         assert (ei.value.status, ei.value.code) == (400, code)
+
+
+# -- the server's route table -----------------------------------------------------------------------
+def test_route_table_finds_handlers_and_path_parameters() -> None:
+    from deploy.serve.ingress import route
+
+    assert route("POST", "/v2/models/retail-fusion/infer") == ("infer", {"name": "retail-fusion", "version": None})
+    assert route("POST", "/v2/models/m/versions/3/infer") == ("infer", {"name": "m", "version": "3"})
+    assert route("GET", "/v2/models/m/versions/3") == ("model_metadata", {"name": "m", "version": "3"})
+    assert route("GET", "/v2/models/m_ensemble/config") == ("model_config", {"name": "m_ensemble", "version": None})
+    assert route("GET", "/v2/models/m/ready") == ("model_ready", {"name": "m", "version": None})
+    assert route("POST", "/v1/retail/predict") == ("predict", {"workload": "retail"})
+    assert route("POST", "/v1/retail/generate") == ("generate", {"workload": "retail"})
+    assert route("GET", "/v2/health/live/") == ("live", {})  # one trailing slash is ignored
+    assert route("HEAD", "/v2/health/ready") == ("ready", {})  # HEAD is answered as GET
+    assert route("GET", "/metrics") == ("metrics_endpoint", {})
+
+
+def test_route_table_tells_wrong_methods_from_unknown_paths() -> None:
+    from deploy.serve.ingress import route
+
+    assert route("DELETE", "/v2/health/live") == ["GET"]  # 405, with what the path takes
+    assert route("GET", "/v2/models/m/infer") == ["POST"]
+    assert route("GET", "/v2/no/such/route") == []  # 404
+    assert route("POST", "/v1/retail/predict/extra") == []
+    assert route("GET", "/v2/models/a/b/c/config") == []  # a name never spans path segments
