@@ -45,7 +45,8 @@ class UserConfig(_Strict):
 
     max_batch_size: int = Field(16, ge=1, le=4096, description="requests merged into one engine call at most")
     batch_wait_timeout_s: float = Field(
-        0.01, ge=0, le=10, description="how long the first request of a batch waits for others",
+        0.01, ge=0, le=10, description="how long a batch may wait for requests the server is already reading "
+        "(it never waits for requests that have not arrived)",
     )
 
 
