@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -141,6 +142,27 @@ def library_output_to_log() -> Iterator[str | None]:
         _TERMINAL = None
 
 
+RAY_DATA_THREADS = ("iter_threaded", "map_tp_", "StreamingExecutor-")
+"""Name prefixes of Ray Data's block-iterator and executor threads (its
+``Prefetcher`` parks on a condition, away from Ray, once iteration stops)."""
+
+
+def quiesce_ray_data(timeout_s: float = 15.0) -> list[str]:
+    """Wait (``timeout_s`` at most, all together) for Ray Data's iterator
+    and executor threads to end; returns the names of those still running.
+
+    When a job fails, its block iterator stops but Ray Data does not join
+    its prefetching threads (it says so in ``make_async_gen``); one still in
+    a ``ray.get`` when Ray shuts down makes the core worker end the whole
+    process with exit code 1 before the failure is reported, so the user
+    would see nothing.  After a job that finished, they are already gone."""
+    deadline = time.monotonic() + timeout_s
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and t.name.startswith(RAY_DATA_THREADS):
+            t.join(max(0.0, deadline - time.monotonic()))
+    return [t.name for t in threading.enumerate() if t.is_alive() and t.name.startswith(RAY_DATA_THREADS)]
+
+
 @contextlib.contextmanager
 def ray_session(settings: Settings) -> Iterator[str]:
     """Ray for one or more jobs: the cluster named by ``RAY_ADDRESS``, the
@@ -154,6 +176,7 @@ def ray_session(settings: Settings) -> Iterator[str]:
             yield address
         finally:
             if started:
+                quiesce_ray_data()
                 ray.shutdown()
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
