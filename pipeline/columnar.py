@@ -4,7 +4,7 @@ Records are decoded one at a time (a JPEG is a JPEG), but from the moment a
 record is decoded it lives as one row of a :class:`ColumnarBatch`: numpy
 columns for ids, features by name, presence per modality, token counts and
 character offsets, plus the records rejected on the way with their reason
-codes.  Ray Data blocks, Serve's ``@serve.batch`` merges, the Triton
+codes.  Ray Data blocks, the Serve replica's batcher merges, the Triton
 python-backend models and Kafka micro-batches all carry this type (or its
 block form, :meth:`ColumnarBatch.to_block`), so there is one padding rule,
 one collate, one merge and one split:

@@ -70,10 +70,8 @@ class Batcher(Generic[T, R]):
     one.  A call whose caller went away (its future cancelled) is still run
     with its batch, and its result dropped."""
 
-    def __init__(self, run: Callable[[list[T]], Awaitable[list[R]]], max_batch_size: int, wait_s: float,
-                 on_batch: Callable[[list[T]], None] | None = None) -> None:
+    def __init__(self, run: Callable[[list[T]], Awaitable[list[R]]], max_batch_size: int, wait_s: float) -> None:
         self._run = run
-        self._on_batch = on_batch
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
         self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
@@ -88,10 +86,6 @@ class Batcher(Generic[T, R]):
 
     def arrival(self) -> Arrival:
         return Arrival(self)
-
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
 
     async def submit(self, item: T, arrival: Arrival = NO_ARRIVAL) -> R:
         """``item``'s result, once the batch it joined has run."""
@@ -123,11 +117,8 @@ class Batcher(Generic[T, R]):
                     await self._gather()
                 n = min(len(self._queue), self.max_batch_size)
                 taken = [self._queue.popleft() for _ in range(n)]
-                items = [item for item, _ in taken]
-                if self._on_batch is not None:
-                    self._on_batch(items)
                 try:
-                    results = await self._run(items)
+                    results = await self._run([item for item, _ in taken])
                 except BaseException as exc:  # every call of the batch gets the failure
                     for _, fut in taken:
                         if not fut.done():

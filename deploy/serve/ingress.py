@@ -479,23 +479,23 @@ class Server:
 
     async def _predict(self, workload: str, request: Request) -> Response:
         model = self._workload_model(workload)
-        ctype = _content_type(request)
-        if ctype not in ("application/json", "multipart/form-data"):
-            raise HttpError(415, f"Content-Type {ctype or 'none'!r} is not accepted; send application/json "
-                            "(one record or {\"records\": [...]}) or multipart/form-data", "unsupported_media_type")
-        body = await read_body(request, self.max_body)
-        body = decode_content(body, request.headers.get("content-encoding"), self.max_body)
-        if ctype == "multipart/form-data":
-            records, single = [await self._form_record(request, body)], True
-        else:
-            records, single = await _offload(_json_records, len(body), body)
-        if len(records) > self.max_records:
-            raise HttpError(413, f"{len(records)} records in one request; limit is {self.max_records}",
-                            Reason.PAYLOAD_TOO_LARGE.value)
-        for rec in records:
-            if isinstance(rec, dict):
-                rec.setdefault("workload", workload)
-        with model.arrival("records") as arrival:
+        with model.arrival("records") as arrival:  # a batch forming now waits for this call
+            ctype = _content_type(request)
+            if ctype not in ("application/json", "multipart/form-data"):
+                raise HttpError(415, f"Content-Type {ctype or 'none'!r} is not accepted; send application/json "
+                                "(one record or {\"records\": [...]}) or multipart/form-data", "unsupported_media_type")
+            body = await read_body(request, self.max_body)
+            body = decode_content(body, request.headers.get("content-encoding"), self.max_body)
+            if ctype == "multipart/form-data":
+                records, single = [await self._form_record(request, body)], True
+            else:
+                records, single = await _offload(_json_records, len(body), body)
+            if len(records) > self.max_records:
+                raise HttpError(413, f"{len(records)} records in one request; limit is {self.max_records}",
+                                Reason.PAYLOAD_TOO_LARGE.value)
+            for rec in records:
+                if isinstance(rec, dict):
+                    rec.setdefault("workload", workload)
             lines = await model.predict(records, arrival)
         if isinstance(lines, Failure):
             return _v1_error(lines.status, "model_not_ready" if lines.status == 503 else "error", lines.message)

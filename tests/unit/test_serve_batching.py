@@ -24,23 +24,36 @@ class _Engine:
 
 
 def test_a_lone_call_runs_at_once_without_waiting_the_timeout() -> None:
-    async def go() -> float:
-        b = Batcher(_Engine(), max_batch_size=8, wait_s=5.0)
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        assert await b.submit(3) == 30
-        return loop.time() - t0
+    async def go() -> list[list[int]]:
+        engine = _Engine()
+        b = Batcher(engine, max_batch_size=8, wait_s=3600.0)
+        # Nobody else announced: answered without the hour's wait (else the liveness guard fires).
+        assert await asyncio.wait_for(b.submit(3), 60) == 30
+        return engine.batches
 
-    assert asyncio.run(go()) < 1.0  # nobody else announced: no 5 s wait
+    assert asyncio.run(go()) == [[3]]
 
 
 def test_calls_queued_while_the_engine_runs_form_the_next_batch() -> None:
     async def go() -> tuple[list[list[int]], list[int]]:
-        engine = _Engine(seconds=0.05)
-        b = Batcher(engine, max_batch_size=4, wait_s=0.0)
+        engine = _Engine()
+        release = asyncio.Event()
+        run = engine.__call__
+
+        async def held(items: list[int]) -> list[int]:  # the first batch holds the engine until released
+            if not engine.batches:
+                engine.batches.append(list(items))
+                await release.wait()
+                return [i * 10 for i in items]
+            return await run(items)
+
+        b = Batcher(held, max_batch_size=4, wait_s=0.0)
         first = asyncio.ensure_future(b.submit(0))
-        await asyncio.sleep(0.01)  # the engine is busy with [0]
+        while not engine.batches:  # the engine is busy with [0]
+            await asyncio.sleep(0)
         rest = [asyncio.ensure_future(b.submit(i)) for i in range(1, 7)]
+        await asyncio.sleep(0)
+        release.set()
         return engine.batches, await asyncio.gather(first, *rest)
 
     batches, results = asyncio.run(go())
@@ -51,7 +64,7 @@ def test_calls_queued_while_the_engine_runs_form_the_next_batch() -> None:
 def test_a_batch_waits_for_announced_calls_only_until_they_arrive() -> None:
     async def go() -> list[list[int]]:
         engine = _Engine()
-        b = Batcher(engine, max_batch_size=8, wait_s=5.0)
+        b = Batcher(engine, max_batch_size=8, wait_s=3600.0)
         late = b.arrival()
 
         async def announced() -> int:
@@ -67,7 +80,7 @@ def test_a_batch_waits_for_announced_calls_only_until_they_arrive() -> None:
 
 def test_an_abandoned_arrival_stops_the_wait_and_a_failure_reaches_every_call() -> None:
     async def go() -> None:
-        b = Batcher(_Engine(fail=True), max_batch_size=8, wait_s=5.0)
+        b = Batcher(_Engine(fail=True), max_batch_size=8, wait_s=3600.0)
         gone = b.arrival()
         asyncio.get_running_loop().call_later(0.05, gone.close)  # a request that failed parsing
         calls = [asyncio.ensure_future(b.submit(i)) for i in range(3)]
@@ -75,7 +88,7 @@ def test_an_abandoned_arrival_stops_the_wait_and_a_failure_reaches_every_call() 
             with pytest.raises(RuntimeError, match="engine down"):
                 await c
 
-    asyncio.run(asyncio.wait_for(go(), 2.0))
+    asyncio.run(asyncio.wait_for(go(), 60))  # liveness guard: the abandoned arrival must end the wait
 
 
 def test_max_batch_size_one_runs_calls_one_by_one_and_configure_applies_next_batch() -> None:
