@@ -173,14 +173,10 @@ class StreamConsumer:
                       crc32c=self.crc32c, hint="the C CRC32C is missing: pip install crc32c (the stream extra); "
                       "every fetched batch is checksummed in pure Python")
         try:
-            self.producer = KafkaProducer(max_block_ms=30_000, **client.producer_kwargs(self.cfg))
+            self.producer = self._new_producer()
             for topic in (self.cfg.output_topic, self.cfg.dlq_topic):
                 if not self.producer.partitions_for(topic):
                     raise StreamError(f"topic {topic!r} does not exist (create it; auto-creation is not relied on)")
-            if self.cfg.exactly_once:
-                # Fences a previous instance with the same transactional id and
-                # aborts its open transaction.
-                self.producer.init_transactions()
             self.consumer = KafkaConsumer(**client.consumer_kwargs(self.cfg))
             # Subscribe first, then fetch the input topics' metadata, so the
             # first join already knows their partitions.  The other order
@@ -198,6 +194,14 @@ class StreamConsumer:
                 f"cannot connect to Kafka ({type(exc).__name__}): {exc}; check stream.bootstrap_servers, "
                 "security_protocol and the credentials"
             ) from exc
+
+    def _new_producer(self) -> Any:
+        producer = KafkaProducer(max_block_ms=30_000, **client.producer_kwargs(self.cfg))
+        if self.cfg.exactly_once:
+            # Fences a previous instance (or a previous producer of this one)
+            # with the same transactional id and aborts its open transaction.
+            producer.init_transactions()
+        return producer
 
     def run(self) -> int:
         """Consume until stopped.  Returns 0 after a clean stop."""
@@ -395,19 +399,31 @@ class StreamConsumer:
         outs = [o for b in batches for o in b.outs or []]
         offsets = OffsetTracker.offsets_of(m for b in batches for m in b.msgs)
         tx_offsets = {KTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+        records = sum(len(b.msgs) for b in batches)
         try:
             self.producer.begin_transaction()
             futures = [self.producer.send(o.topic, value=o.value, key=o.key, headers=o.headers) for o in outs]
-            self.producer.send_offsets_to_transaction(tx_offsets, self.consumer.group_metadata())
-            self.producer.commit_transaction()
+            tm = self.producer._transaction_manager
+            self._await_txn(tm.send_offsets_to_transaction(tx_offsets, self.consumer.group_metadata()), "offsets")
+            self._await_txn(tm.begin_commit(), "commit")
             for f in futures:
                 f.get(timeout=0)  # raises if a record failed inside the committed transaction
+        except _TxnStalled as exc:
+            self._m_commit_failures.inc()
+            log_event(logger, logging.WARNING, "transaction_stalled", step=exc.step, records=records,
+                      waited_ms=self.cfg.transaction_timeout_ms)
+            self._replace_producer()
+            self._discard([*batches, *self._inflight])
+            return
         except KafkaError as exc:
             self._m_commit_failures.inc()
-            log_event(logger, logging.WARNING, "transaction_aborted", exc_type=type(exc).__name__,
-                      records=sum(len(b.msgs) for b in batches))
+            log_event(logger, logging.WARNING, "transaction_aborted", exc_type=type(exc).__name__, records=records)
             try:
-                self.producer.abort_transaction()
+                self._await_txn(self.producer._transaction_manager.begin_abort(), "abort")
+            except _TxnStalled:
+                log_event(logger, logging.WARNING, "transaction_stalled", step="abort", records=records,
+                          waited_ms=self.cfg.transaction_timeout_ms)
+                self._replace_producer()
             except KafkaError as exc2:
                 raise StreamError(f"transaction failed and could not be aborted ({type(exc2).__name__}); "
                                   "restart: nothing of it was committed") from exc
@@ -419,6 +435,36 @@ class StreamConsumer:
                 self.tracker.complete(b.msgs)
         self.tracker.mark_committed(offsets)
         self._finished(outs)
+
+    def _await_txn(self, result: Any, step: str) -> None:
+        """Wait for one step of the open transaction (kafka-python's
+        transactional request result), at most ``transaction_timeout_ms``
+        (by then the broker aborts the transaction anyway) and never past a
+        second signal.  kafka-python's own ``commit_transaction`` and
+        ``send_offsets_to_transaction`` wait without a bound, and a request
+        caught on a coordinator killed mid-flight can leave that wait (and
+        every later produce of the producer) pending for good."""
+        self.producer._sender.wakeup()
+        deadline = time.monotonic() + self.cfg.transaction_timeout_ms / 1000
+        while not result.wait(timeout_ms=200):
+            self._check_abandon()
+            if time.monotonic() >= deadline:
+                raise _TxnStalled(step)
+
+    def _replace_producer(self) -> None:
+        """Exactly-once: drop a producer whose transaction is stuck and start
+        another with the same transactional id; its ``init_transactions``
+        fences the old one and has the coordinator abort the open
+        transaction, so nothing of it is ever read_committed."""
+        old, self.producer = self.producer, None
+        with contextlib.suppress(Exception):
+            old.close(timeout=0)  # no waiting on what is stuck: force-closes its sender
+        try:
+            self.producer = self._new_producer()
+        except KafkaError as exc:
+            raise StreamError(f"could not start a new transactional producer ({type(exc).__name__}); restart: "
+                              "nothing of the stuck transaction was committed") from exc
+        log_event(logger, logging.INFO, "producer_replaced", reason="transaction_stalled")
 
     def _discard(self, batches: Sequence[_Batch]) -> None:
         """Exactly-once: drop batches that will not be transacted (their
@@ -612,6 +658,14 @@ def _large_buffers_off_the_heap() -> None:
 
 class _Retriable(Exception):
     retriable = True
+
+
+class _TxnStalled(Exception):
+    """A transaction step the producer did not finish in time."""
+
+    def __init__(self, step: str) -> None:
+        super().__init__(step)
+        self.step = step
 
 
 def _first_offsets(msgs: Iterable[InMessage]) -> dict[TopicPartition, int]:

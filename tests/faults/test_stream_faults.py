@@ -189,7 +189,8 @@ def test_partition_leader_kill9_on_three_brokers(cluster: KafkaCluster, packages
         proc.kill()
         reader.close()
     mode = "exactly-once" if exactly_once else "at-least-once"
-    retries = sum(len(proc.events(e)) for e in ("produce_retry", "commit_failed", "poll_retry", "transaction_aborted"))
+    retries = sum(len(proc.events(e)) for e in ("produce_retry", "commit_failed", "poll_retry", "transaction_aborted",
+                                               "transaction_stalled"))
     o = report(stream_outcome(
         f"{victim} partition leader kill -9, 3 brokers ({mode})", records, reader, names, want, retries=retries,
         notes=f"node {victim_node} killed after {before} outputs; new leader in {failover_s:.1f} s"

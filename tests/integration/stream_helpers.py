@@ -257,8 +257,13 @@ class StreamProc:
         self.proc.send_signal(sig)
 
     def wait(self, timeout: float = 60) -> int:
+        """The exit code; a process still running after ``timeout`` fails
+        the test with every thread's stack and the log's tail (where it waits)."""
         try:
             return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the consumer did not exit within {timeout}s; stacks and log tail:\n"
+                                 f"{self.diagnose(12000)}") from None
         finally:
             self._fh.close()
 
