@@ -179,7 +179,7 @@ def export_fp32(model, example: dict[str, np.ndarray], out: Path, outputs: list[
             torch.onnx.export(
                 model, args, str(out), input_names=model.input_names, output_names=model.output_names,
                 dynamic_axes=_dynamic_axes(inputs, outputs), opset_version=OPSET,
-                do_constant_folding=True, dynamo=False,
+                do_constant_folding=True, dynamo=False, custom_opsets={"com.microsoft": 1},
             )
     except Exception as exc:
         op = unsupported_op(exc)

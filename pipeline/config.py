@@ -262,10 +262,10 @@ class GenerateConfig(_Strict):
     batch_size: int = Field(16, gt=0, description="sequences decoded together")
     decoder_threads: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
         "auto", description="ONNX Runtime intra-op threads of the per-token decoder graphs (0: engine.threads). "
-        "A decoding step is many small operations: for a few sequences one thread runs them several times faster "
-        "than two (no hand-off per operation), while 8 or more sequences gain from engine.threads; auto holds a "
-        "session of each (the decoder's weights twice in memory) and picks per call. The encoder, run once per "
-        "call, keeps engine.threads")
+        "A decoding step is a few small MatMuls and one fused attention node per layer: a single sequence runs "
+        "about as fast on one thread (leaving the other cores to concurrent calls), while 2 or more sequences gain "
+        "from engine.threads; auto holds a session of each (the decoder's weights twice in memory) and picks per "
+        "call. The encoder, run once per call, keeps engine.threads")
     variant: Literal["auto", "fp32", "fp16", "int8"] = Field("auto", description="auto: fp16 on GPU, else fp32")
     use_cache: bool = Field(True, description="reuse past keys/values (off: recompute the whole sequence)")
     io_binding: bool = Field(True, description="GPU providers: keep the cache on the device between steps")

@@ -102,7 +102,13 @@ class OnnxRuntimeEngine:
         trt_fp16: bool = False,
         trt_profiles: dict[str, str] | None = None,
         signature: dict | None = None,
+        spin: bool = True,
     ) -> None:
+        """``spin=False``: the intra-op workers sleep as soon as a run ends
+        instead of spin-waiting for the next one.  For a session that runs
+        once between runs of another (a generation call's encoder and first
+        decoder step): its spinning workers would take a core from the
+        session that runs next, for every step of a call."""
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -110,6 +116,8 @@ class OnnxRuntimeEngine:
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
+        if not spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
         chosen = choose_providers(providers, device, ort.get_available_providers())
         provider_args = [(p, _provider_options(p, trt_cache_dir, trt_fp16, trt_profiles)) for p in chosen]

@@ -54,6 +54,64 @@ def test_padding_between_prefix_and_prompt_changes_nothing() -> None:
     assert torch.allclose(alone[:, -1], padded[:, -1], atol=1e-5)
 
 
+class _Layers(torch.nn.Module):
+    """A tiny decoder's first step (``init``) or a later one (``step``) as a
+    graph with named inputs, exported the way the package's graphs are."""
+
+    def __init__(self, dec: CausalDecoder, kind: str) -> None:
+        super().__init__()
+        self.dec, self.kind = dec, kind
+        names = [f"{k}_{i}" for i in range(len(dec.h)) for k in ("key", "value")]
+        self.input_names = ["ids", "mask", "pos", *(["past_" + n for n in names] if kind == "step" else [])]
+        self.output_names = ["logits", *("present_" + n for n in names)]
+
+    def forward(self, ids, mask, pos, *past):
+        cache = [(past[i], past[i + 1]) for i in range(0, len(past), 2)] or None
+        logits, presents = self.dec(self.dec.embed(ids), mask, pos, cache)
+        return (logits, *(t for kv in presents for t in kv))
+
+
+def test_exported_attention_is_one_fused_node_per_layer_and_computes_the_same(tmp_path) -> None:
+    """Exported, each layer's attention is one MultiHeadAttention node (the
+    step graph's dozens of small ops made a decoding step slower than its
+    MatMuls); it must compute what eager ``attend`` does: causal from the
+    end of the cache, pads between prefix and prompt hidden, the cache
+    extended by the new positions."""
+    import onnx
+    import onnxruntime as ort
+
+    from exporters.onnx_export import export_fp32
+
+    dec = _decoder(3)
+    b, t = 3, 6
+    ids = torch.randint(4, 50, (b, t))
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[0, 1:3] = 0  # pads in the middle of row 0
+    pos = positions(mask)
+    with torch.inference_mode():
+        _, cache = dec(dec.embed(ids), mask, pos)
+    step_ids, step_mask = torch.randint(4, 50, (b, 1)), torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], 1)
+    step_pos = step_mask.sum(1, keepdim=True) - 1
+    flat = [x for kv in cache for x in kv]
+    cases = {"init": (ids, mask, pos), "step": (step_ids, step_mask, step_pos, *flat)}
+    for kind, args in cases.items():
+        module = _Layers(dec, kind).eval()
+        example = {n: a.numpy() for n, a in zip(module.input_names, args, strict=True)}
+        dims = {"ids": ["batch", "sequence"], "mask": ["batch", "total"], "pos": ["batch", "sequence"]}
+        inputs = [{"name": n, "shape": dims.get(n, ["batch", 4, "past", 8])} for n in module.input_names]
+        outputs = [{"name": n, "shape": ["batch", "sequence", 50] if n == "logits" else ["batch", 4, "total", 8]}
+                   for n in module.output_names]
+        path = tmp_path / f"{kind}.onnx"
+        export_fp32(module, example, path, outputs, inputs)
+        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        assert ops.count("MultiHeadAttention") == len(dec.h) and "Softmax" not in ops, kind
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, example)
+        with torch.inference_mode():
+            want = [w.numpy() for w in module(*args)]
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape and np.allclose(g, w, atol=1e-5), kind
+
+
 def test_choose_greedy_top_k_and_top_p() -> None:
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 200))
     assert choose(logits[:1], Sampling(), None).tolist() == [0]

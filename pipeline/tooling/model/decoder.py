@@ -13,6 +13,15 @@ Padding may sit anywhere before a row's last token (the generator pads
 between the conditioning prefix and the prompt): ``attention_mask`` hides
 pad keys and ``position_ids`` (the running count of real tokens) skip them,
 so a padded row computes exactly what it would alone.
+
+Exported, each layer's attention (scores, causal and padding masks,
+softmax, the weighted sum and the cache's concatenation) becomes one ONNX
+Runtime ``com.microsoft::MultiHeadAttention`` node instead of about thirty
+small ones (see :class:`_FusedAttention`): a decoding step is a few small
+MatMuls per layer, and dispatching the unfused attention cost more than
+the MatMuls themselves.  Eager PyTorch (training, the parity reference)
+runs the plain computation in :func:`attend`, which is also what the
+fused node is checked against.
 """
 
 from __future__ import annotations
@@ -52,27 +61,75 @@ class _Attention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def _heads(self, x: Tensor) -> Tensor:
-        b, t, _ = x.shape
-        return x.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
-
     def forward(self, x: Tensor, key_mask: Tensor, past: tuple[Tensor, Tensor] | None
                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         q, k, v = self.c_attn(x).split(x.shape[-1], dim=2)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
-        t, s = q.shape[2], k.shape[2]
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-        q_pos = torch.arange(t, device=x.device).unsqueeze(1) + (s - t)
-        causal = torch.arange(s, device=x.device).unsqueeze(0) <= q_pos  # [t, s]
-        allowed = causal.unsqueeze(0).unsqueeze(0) & key_mask.unsqueeze(1).unsqueeze(1)
-        scores = scores.masked_fill(~allowed, MASKED)
-        out = torch.matmul(torch.softmax(scores, dim=-1), v)
-        b = out.shape[0]
-        out = out.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)
-        return self.resid_dropout(self.c_proj(out)), (k, v)
+        if torch.onnx.is_in_onnx_export():
+            pk, pv = past if past is not None else (None, None)
+            out, pk, pv = _FusedAttention.apply(q, k, v, key_mask, pk, pv, self.n_head)
+            present = (pk, pv)
+        else:
+            out, present = attend(q, k, v, key_mask, past, self.n_head)
+        return self.resid_dropout(self.c_proj(out)), present
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, past: tuple[Tensor, Tensor] | None, n_head: int
+           ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Causal multi-head attention of new positions ``q, k, v`` [B, T, E]
+    over the cache ``past`` ([B, heads, P, head_dim] each) and themselves;
+    ``key_mask`` [B, P + T] hides pad keys.  Returns the attended values
+    [B, T, E] and the cache including the new positions."""
+    b, t, e = q.shape
+    head_dim = e // n_head
+
+    def heads(x: Tensor) -> Tensor:
+        return x.view(b, t, n_head, head_dim).transpose(1, 2)
+
+    q, k, v = heads(q), heads(k), heads(v)
+    if past is not None:
+        k = torch.cat([past[0], k], dim=2)
+        v = torch.cat([past[1], v], dim=2)
+    s = k.shape[2]
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head_dim)
+    q_pos = torch.arange(t, device=q.device).unsqueeze(1) + (s - t)
+    causal = torch.arange(s, device=q.device).unsqueeze(0) <= q_pos  # [t, s]
+    allowed = causal.unsqueeze(0).unsqueeze(0) & key_mask.unsqueeze(1).unsqueeze(1)
+    scores = scores.masked_fill(~allowed, MASKED)
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)
+    return out.transpose(1, 2).reshape(b, t, e), (k, v)
+
+
+class _FusedAttention(torch.autograd.Function):
+    """:func:`attend` as one ``com.microsoft::MultiHeadAttention`` node in
+    the exported graph (CPU and CUDA providers; TensorRT hands the node to
+    CUDA).  The node computes the same function: ``unidirectional`` is the
+    causal mask counted from the end of the cache (query ``i`` of ``T`` sees
+    keys up to ``P + i``), the 2-D ``key_padding_mask`` hides pad keys with
+    ``mask_filter_value`` (the same -1e4 as :data:`MASKED`), and the
+    present key/value outputs are the past with the new positions appended.
+    Tracing runs :func:`attend` for the output shapes; only export uses it."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, past_k: Tensor | None,  # type: ignore[override]
+                past_v: Tensor | None, n_head: int) -> tuple[Tensor, Tensor, Tensor]:
+        out, (pk, pv) = attend(q, k, v, key_mask, None if past_k is None else (past_k, past_v), n_head)
+        return out, pk, pv
+
+    @staticmethod
+    def symbolic(g, q, k, v, key_mask, past_k, past_v, n_head: int):  # type: ignore[no-untyped-def]
+        def missing():  # an absent optional input
+            node = g.op("prim::Constant")
+            node.setType(torch._C.OptionalType.ofTensor())
+            return node
+
+        mask = g.op("Cast", key_mask, to_i=6)  # int32, as the node wants its key_padding_mask
+        inputs = [q, k, v, missing(), mask, missing()]
+        if past_k is not None:
+            inputs += [past_k, past_v]
+        out, pk, pv = g.op("com.microsoft::MultiHeadAttention", *inputs, num_heads_i=n_head, unidirectional_i=1,
+                           mask_filter_value_f=MASKED, outputs=3)
+        out.setType(q.type())
+        return out, pk, pv
 
 
 class _Block(nn.Module):
