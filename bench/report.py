@@ -55,6 +55,13 @@ def gpu_section(data: dict | None) -> str:
     for r in data["rows"]:
         lines.append(f"| {r['model']} | {r['engine']} | {r['provider']} | {r['batch']} | {r['median_ms']:.2f} | "
                      f"{r['records_per_s']:.0f} | {r['speedup_vs_eager']:.2f} | {100 * r['agreement']:.2f}% |")
+    gen = data.get("generation") or []
+    if gen:
+        lines += ["", "Generative head, cache on the device (I/O binding) against the CPU, fp32:", "",
+                  "| engine | provider | batch | new tokens | tokens/s | first token ms | same tokens as CPU |",
+                  "|---|---|---:|---:|---:|---:|:---:|"]
+        lines += [f"| {r['engine']} | {r['provider']} | {r['batch']} | {r['new_tokens']} | {r['tokens_per_s']:.0f} | "
+                  f"{r['first_token_ms']:.1f} | {'yes' if r['identical_to_cpu'] else '**no**'} |" for r in gen]
     return "\n".join([*lines, "", "![gpu](results/gpu.png)", ""])
 
 

@@ -95,9 +95,12 @@ def records(workload: str, n: int) -> list[bytes]:
     return out
 
 
+ENGINE_SPIN = False  # --engine-spin; as `mmpipe stream` runs (engine.spin auto), for the bare Predictor too
+
+
 def predictor(package: Path, batch: int) -> Predictor:
     pkg = load_package(package)
-    eng = create_engine(pkg, EngineConfig(kind="onnxruntime", device="cpu"))
+    eng = create_engine(pkg, EngineConfig(kind="onnxruntime", device="cpu", spin=ENGINE_SPIN))
     return Predictor(pkg, eng, batch_size=batch, path="stream", metrics=get_metrics(CollectorRegistry()))
 
 
@@ -327,12 +330,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crc32c", choices=["auto", "python"], default="auto",
                     help="python: measure as without the C CRC32C (kafka-python's pure-Python one)")
     ap.add_argument("--no-latency", action="store_true", help="throughput only")
+    ap.add_argument("--engine-spin", choices=["on", "off"], default="off",
+                    help="engine.spin for the bare Predictor and the stream alike (off: as mmpipe stream runs)")
     ap.add_argument("--add", action="store_true",
                     help="keep the other models already in --out (one model per run on a busy machine)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     if args.crc32c == "python":
         use_python_crc32c()
+    global ENGINE_SPIN
+    ENGINE_SPIN = args.engine_spin == "on"
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     packages = {m: model_package(m, args.package if m == "small" else None) for m in names}
     # No fsync per append (the tests' broker does one, to survive its own kill): a production
@@ -353,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "cpu_flags": cpu_flags(), "platform": platform.platform(),
                     "python": platform.python_version(), "loadavg_at_end": os.getloadavg()},
         "kafka_python": client.kafka_python_version(), "crc32c": client.crc32c_impl(), "batch": args.batch,
+        "engine_spin": ENGINE_SPIN,
         "wall_s": round(time.monotonic() - t0, 1), "models": models, "aims": aims(models),
         # The first model's at-least-once numbers, in the shape bench/report.py renders.
         "workload": first["workload"], "records": first["records"],

@@ -62,4 +62,5 @@ def _onnx_engine(package: ModelPackage, cfg: EngineConfig) -> Engine:
         package.path(var.files[0]), device=cfg.device, providers=cfg.providers, threads=cfg.threads,
         graph_optimization=cfg.graph_optimization, trt_cache_dir=trt_cache, trt_fp16=cfg.trt_fp16,
         trt_profiles=getattr(var, "trt_profiles", None), signature=package.manifest.signature.model_dump(),
+        spin=cfg.spin is not False,  # auto: on (the stream's CLI resolves auto to off)
     )

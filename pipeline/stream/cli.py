@@ -64,6 +64,11 @@ def cmd_stream(args: argparse.Namespace) -> int:
         cfg.exactly_once = True
     if args.group_id:
         cfg.group_id = args.group_id
+    if settings.engine.spin == "auto":
+        # The decode thread, kafka-python's IO threads and the main loop share
+        # the cores with the engine: its workers spin-waiting between calls
+        # took CPU they needed (bench/stream.py, engine.spin).
+        settings.engine.spin = False
     # kafka-python's DEBUG output can echo client configuration: keep it at INFO or above.
     kafka_log = logging.getLogger("kafka")
     kafka_log.setLevel(max(logging.getLogger().getEffectiveLevel(), logging.WARNING))
