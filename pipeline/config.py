@@ -209,7 +209,8 @@ class StreamConfig(_Strict):
     )
     transaction_timeout_ms: int = Field(60_000, gt=0, description="exactly_once: the broker aborts older "
                                         "transactions, and a transaction step the client has not finished by then "
-                                        "is given up (producer replaced, batches read again)")
+                                        "is given up (producer replaced, reading resumes from the group's "
+                                        "committed offsets)")
     session_timeout_ms: int = Field(10_000, gt=0, description="group membership timeout (a dead member's "
                                     "partitions move after this)")
     max_poll_interval_ms: int = Field(300_000, gt=0, description="longest allowed gap between polls")

@@ -413,7 +413,7 @@ class StreamConsumer:
             log_event(logger, logging.WARNING, "transaction_stalled", step=exc.step, records=records,
                       waited_ms=self.cfg.transaction_timeout_ms)
             self._replace_producer()
-            self._discard([*batches, *self._inflight])
+            self._discard([*batches, *self._inflight], outcome_unknown=True)
             return
         except KafkaError as exc:
             self._m_commit_failures.inc()
@@ -424,6 +424,8 @@ class StreamConsumer:
                 log_event(logger, logging.WARNING, "transaction_stalled", step="abort", records=records,
                           waited_ms=self.cfg.transaction_timeout_ms)
                 self._replace_producer()
+                self._discard([*batches, *self._inflight], outcome_unknown=True)
+                return
             except KafkaError as exc2:
                 raise StreamError(f"transaction failed and could not be aborted ({type(exc2).__name__}); "
                                   "restart: nothing of it was committed") from exc
@@ -454,8 +456,9 @@ class StreamConsumer:
     def _replace_producer(self) -> None:
         """Exactly-once: drop a producer whose transaction is stuck and start
         another with the same transactional id; its ``init_transactions``
-        fences the old one and has the coordinator abort the open
-        transaction, so nothing of it is ever read_committed."""
+        fences the old one and settles its transaction: aborted, unless its
+        commit had already reached the coordinator (the caller therefore
+        resumes from the group's committed offsets, see :meth:`_discard`)."""
         old, self.producer = self.producer, None
         with contextlib.suppress(Exception):
             old.close(timeout=0)  # no waiting on what is stuck: force-closes its sender
@@ -466,16 +469,40 @@ class StreamConsumer:
                               "nothing of the stuck transaction was committed") from exc
         log_event(logger, logging.INFO, "producer_replaced", reason="transaction_stalled")
 
-    def _discard(self, batches: Sequence[_Batch]) -> None:
+    def _discard(self, batches: Sequence[_Batch], *, outcome_unknown: bool = False) -> None:
         """Exactly-once: drop batches that will not be transacted (their
         work is cancelled or ignored) and rewind their partitions, so nothing
-        of them is skipped and nothing later is written before them."""
+        of them is skipped and nothing later is written before them.
+
+        ``outcome_unknown``: the producer was replaced while a transaction
+        step was pending, so its commit may have reached the coordinator
+        (the new producer's fencing then completes it rather than aborting
+        it).  The partitions go back to what the group has committed, as a
+        restarted member would: read_committed, the broker answers that only
+        once the old transaction is settled.  A transaction that did commit
+        is then not written a second time."""
         first = _first_offsets(m for b in batches for m in b.msgs)
         gone = set(map(id, batches))
         self._inflight = deque(b for b in self._inflight if id(b) not in gone)
         for b in batches:
             b.work.cancel()
+        if outcome_unknown:
+            first = self._committed_or(first)
         self._rewind(first)
+
+    def _committed_or(self, first: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """The group's committed offset of each partition (``first``'s offset
+        where the group has none yet)."""
+        out = dict(first)
+        try:
+            for tp in first:
+                off = self.consumer.committed(KTP(*tp), timeout_ms=self.cfg.transaction_timeout_ms)
+                if off is not None:
+                    out[tp] = off
+        except KafkaError as exc:
+            raise StreamError(f"could not read the group's committed offsets after a stalled transaction "
+                              f"({type(exc).__name__}); restart: a restart starts from them") from exc
+        return out
 
     def _rewind(self, first: dict[TopicPartition, int]) -> None:
         """Seek partitions back to the given offsets, dropping what was

@@ -53,8 +53,12 @@ class Producer:
 
 
 class Consumer:
-    def __init__(self) -> None:
+    def __init__(self, committed: int | None = None) -> None:
         self.seeks: list[tuple[str, int, int]] = []
+        self._committed = committed
+
+    def committed(self, tp, timeout_ms=None) -> int | None:
+        return self._committed
 
     def group_metadata(self) -> str:
         return "g"
@@ -112,3 +116,17 @@ def test_a_second_signal_abandons_a_stalled_transaction(consumer: StreamConsumer
     threading.Timer(0.3, consumer.abandon).start()
     with pytest.raises(StreamError, match="abandoned"):
         consumer._harvest(block=True)
+
+
+def test_a_stalled_transaction_that_did_commit_is_not_written_again(consumer: StreamConsumer) -> None:
+    """The stalled step was the commit, and the coordinator had it: the new
+    producer's fencing completed it.  The partition resumes after it (the
+    group's committed offset), not at the batches' first offset."""
+    consumer.consumer = Consumer(committed=16)
+    stuck = Producer(offsets_done=True)
+    stuck._transaction_manager.begin_commit = lambda: Result(False)  # the commit's answer never comes
+    consumer.producer = stuck
+    consumer._new_producer = lambda: Producer(offsets_done=True)  # type: ignore[method-assign]
+    consumer._inflight.extend([_batch(consumer, range(10, 14)), _batch(consumer, range(14, 16))])
+    consumer._harvest(block=True)
+    assert consumer.consumer.seeks == [("in", 0, 16)] and not consumer._inflight
