@@ -54,7 +54,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -65,6 +64,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -417,12 +418,6 @@ def loadgen_main(conn: Any, data_dir: str) -> None:
 
 
 # -- servers ----------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class RayServe:
     proc: subprocess.Popen
@@ -478,7 +473,7 @@ def start_ray(package: Path, work: Path, num_cpus: int, batch: int, wait_s: floa
     """``mmpipe serve --throughput-mode MODE`` in a subprocess (returns at once; see wait_ray)."""
     import yaml
 
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     cfg = ray_config(package, port, grpc_port, batch, wait_s, threads)
     (work / f"serve-{throughput_mode}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     ray_tmp = Path(tempfile.mkdtemp(prefix="mmb", dir="/tmp"))  # Ray's socket paths must stay short

@@ -216,28 +216,32 @@ def wait_running(names: list[str], *, timeout_s: float, stop: threading.Event | 
             time.sleep(0.5)
 
 
-def _free_port() -> int:
-    import socket
+def _local_ports(block: int = 64) -> None:
+    """Ports for a local Ray's Serve, unless the environment names them:
+    per-instance ranges for direct-ingress replicas (Serve's defaults, 30000+
+    for HTTP and 40000+ for gRPC, are the same for every Ray on a machine,
+    and gRPC servers bind with SO_REUSEPORT: a second local service's replica
+    would share a port with the first's and answer its calls), then the side
+    ports in ``LOCAL_PORTS``; all outside the kernel's ephemeral range, so no
+    process's outgoing connection takes one before Serve binds it
+    (``pipeline.ports``)."""
+    from pipeline.ports import free_port, port_block
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _direct_ingress_ranges(block: int = 64) -> None:
-    """Per-instance port ranges for direct ingress replicas (Serve's defaults,
-    30000+ for HTTP and 40000+ for gRPC, are the same for every Ray on a
-    machine, and gRPC servers bind with SO_REUSEPORT: a second local
-    service's replica would share a port with the first's and answer its
-    calls).  A random block each, unless the environment names them."""
-    import random
-
-    for proto, lo in (("HTTP", 20000), ("GRPC", 45000)):
+    taken: list[tuple[int, int]] = []
+    for proto in ("HTTP", "GRPC"):
         low, high = f"RAY_SERVE_DIRECT_INGRESS_MIN_{proto}_PORT", f"RAY_SERVE_DIRECT_INGRESS_MAX_{proto}_PORT"
         if low in os.environ:
+            lo = int(os.environ[low])
+            taken.append((lo, int(os.environ.get(high, lo + block))))
             continue
-        start = lo + block * random.randrange(0, 15000 // block)
+        start = port_block(block + 1, avoid=taken)
         os.environ[low], os.environ[high] = str(start), str(start + block)
+        taken.append((start, start + block))
+    for key in LOCAL_PORTS:
+        if key not in os.environ:
+            port = free_port(avoid=taken)
+            os.environ[key] = str(port)
+            taken.append((port, port))
 
 
 def _check_packages(config: dict[str, Any]) -> None:
@@ -348,9 +352,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if local:
         for key, value in THROUGHPUT_ENV.items():
             os.environ[key] = value if args.throughput_mode == "on" else "0"
-        for key in LOCAL_PORTS:
-            os.environ.setdefault(key, str(_free_port()))
-        _direct_ingress_ranges()
+        _local_ports()
     init_kw: dict[str, Any] = {"address": "local" if local else args.address}
     if local:
         init_kw.update(num_cpus=args.num_cpus, num_gpus=args.num_gpus, include_dashboard=False)

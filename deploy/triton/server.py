@@ -34,7 +34,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -44,6 +43,8 @@ import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pipeline.ports import free_ports
 
 
 class TritonUnavailable(Exception):
@@ -196,21 +197,6 @@ def repository_model_names(repo: Path, *, cpu_only: bool = False) -> list[str]:
     if cpu_only:
         names = [n for n in names if n.endswith(("_cpu", "_preprocess", "_generate"))]
     return names
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports free right now (held open together so
-    they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def command(install: ServerInstall, repo: Path, models: Sequence[str], *, host: str = "127.0.0.1",

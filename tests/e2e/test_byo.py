@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from exporters import byo  # noqa: E402
 from pipeline.config import EngineConfig, Settings  # noqa: E402
 from pipeline.engines import create_engine  # noqa: E402
 from pipeline.package import ModelPackage  # noqa: E402
+from pipeline.ports import free_port  # noqa: E402
 from pipeline.postprocess import head_result  # noqa: E402
 from pipeline.predictor import Predictor  # noqa: E402
 from pipeline.preprocess import Preprocessor  # noqa: E402
@@ -294,14 +294,8 @@ def test_cli_package_predict(ways: dict[str, Way], tmp_path: Path) -> None:
 
 
 # -- the Ray Serve path: the three packages in one app ---------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(packages: list[ModelPackage], work: Path) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     small = {"num_cpus": 0.5, "num_gpus": 0}  # one server deployment holds the three models
     config = {
         "proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},

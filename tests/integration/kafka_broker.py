@@ -35,6 +35,8 @@ import time
 import uuid
 from pathlib import Path
 
+from pipeline.ports import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 POM = REPO / "tests" / "kafka" / "pom.xml"
 CACHE = Path(os.environ.get("MMPIPE_CACHE", Path.home() / ".cache" / "mmpipe")) / "kafka"
@@ -101,12 +103,6 @@ def kcat_binary() -> str | None:
             if found := shutil.which("kcat"):
                 return found
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _LOG4J = """\

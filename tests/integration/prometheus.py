@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from pipeline.ports import free_port
 
 DEBIAN_PATH = Path("/usr/bin/prometheus")
 
@@ -73,12 +74,6 @@ def apt_install(package: str, find: Callable[[], str | None]) -> tuple[str | Non
     return None, f"{package} is not installed and apt-get install {package} failed: {tail.strip()}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PrometheusServer:
     """One Prometheus process scraping ``target`` (``host:port``) at ``metrics_path``."""
 
@@ -113,7 +108,7 @@ class PrometheusServer:
         }
         cfg = self.workdir / "prometheus.yml"
         cfg.write_text(json.dumps(config))  # JSON is YAML
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         with (self.workdir / "prometheus.log").open("wb") as fh:
             self.proc = subprocess.Popen(

@@ -8,12 +8,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
+from pipeline.ports import free_port
 from tests.integration.prometheus import apt_install
 
 DEBIAN_PATH = Path("/usr/bin/prometheus-pushgateway")
@@ -39,9 +39,7 @@ class Pushgateway:
 
     def __init__(self, binary: str, workdir: Path) -> None:
         self.binary, self.workdir = binary, workdir
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.ports import free_port
 from tests.integration.k8s_tools import BIN, ToolUnavailable, _go_env
 
 VERSITYGW_VERSION = "v1.8.0"
@@ -55,12 +56,8 @@ class S3Server:
 
     def __init__(self, binary: str, root: Path, port: int | None = None) -> None:
         self.binary, self.root = binary, root
-        if port is None:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-        self.port = port
-        self.endpoint = f"127.0.0.1:{port}"
+        self.port = port if port is not None else free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     @property

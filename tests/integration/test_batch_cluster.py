@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,19 +27,9 @@ import pytest
 import yaml
 
 from pipeline.batch.output import read_errors, read_results
+from pipeline.ports import free_ports
 from tests.integration.batch_helpers import ROOT, sample_lines, write_jsonl
 from tests.integration.test_batch_s3 import BUCKET, RUN_DATE, packages, s3  # noqa: F401  (fixtures)
-
-
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _ray_bin() -> str:
@@ -50,7 +39,7 @@ def _ray_bin() -> str:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
     """Two Ray nodes; yields the job API address the chart would set."""
-    gcs, dash = _ports(2)
+    gcs, dash = free_ports(2)
     tmp = tempfile.mkdtemp(prefix="mmray-c-", dir="/tmp")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32)}

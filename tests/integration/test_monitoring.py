@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = ROOT / "helm" / "mmpipe" / "files"
@@ -136,19 +137,13 @@ def test_promtool_test_can_fail(tmp_path: Path) -> None:
 # --- metric names against a live scrape -------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def exported_metrics(tiny_packages: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     """Sample names a real ``mmpipe predict`` serves on /metrics (every series
     name Prometheus would store: counters' ``_total``, histograms' ``_bucket``
     ``_sum`` ``_count``, ...)."""
     tmp = tmp_path_factory.mktemp("metrics")
-    port = _free_port()
+    port = free_port()
     cfg = tmp / "settings.yaml"
     cfg.write_text(yaml.safe_dump({"metrics": {"port": port}, "log_level": "WARNING"}))
     exe = Path(sys.executable).parent / "mmpipe"
