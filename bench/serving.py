@@ -65,10 +65,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.ports import free_port
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from pipeline.ports import free_port  # noqa: E402  (after the repo is on the path)
 
 OUT = ROOT / "bench" / "results"
 RAY_BATCHED, RAY_UNBATCHED, RAY_ECHO = "/b", "/u", "/e"

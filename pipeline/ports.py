@@ -40,9 +40,7 @@ def _bands() -> list[tuple[int, int]]:
     ephemeral range, largest first."""
     lo, hi = ephemeral_range()
     bands = [(_LOWEST, min(lo - 1, _HIGHEST)), (max(hi + 1, _LOWEST), _HIGHEST)]
-    bands = [(a, b) for a, b in bands if b - a >= 64]
-    if not bands:  # an ephemeral range covering everything: nothing better than the kernel's pick
-        return []
+    bands = [(a, b) for a, b in bands if b - a >= 64]  # none: the ephemeral range covers everything
     return sorted(bands, key=lambda ab: ab[1] - ab[0], reverse=True)
 
 

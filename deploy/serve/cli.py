@@ -216,8 +216,9 @@ def wait_running(names: list[str], *, timeout_s: float, stop: threading.Event | 
             time.sleep(0.5)
 
 
-def _local_ports(block: int = 64) -> None:
-    """Ports for a local Ray's Serve, unless the environment names them:
+def _local_ports(config_ports: list[int], block: int = 64) -> None:
+    """Ports for a local Ray's Serve, unless the environment names them
+    (and never one of ``config_ports``, the config's HTTP and gRPC ports):
     per-instance ranges for direct-ingress replicas (Serve's defaults, 30000+
     for HTTP and 40000+ for gRPC, are the same for every Ray on a machine,
     and gRPC servers bind with SO_REUSEPORT: a second local service's replica
@@ -227,7 +228,7 @@ def _local_ports(block: int = 64) -> None:
     (``pipeline.ports``)."""
     from pipeline.ports import free_port, port_block
 
-    taken: list[tuple[int, int]] = []
+    taken: list[tuple[int, int]] = [(p, p) for p in config_ports]
     for proto in ("HTTP", "GRPC"):
         low, high = f"RAY_SERVE_DIRECT_INGRESS_MIN_{proto}_PORT", f"RAY_SERVE_DIRECT_INGRESS_MAX_{proto}_PORT"
         if low in os.environ:
@@ -352,7 +353,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if local:
         for key, value in THROUGHPUT_ENV.items():
             os.environ[key] = value if args.throughput_mode == "on" else "0"
-        _local_ports()
+        _local_ports([int(p) for p in (http.get("port"), (config.get("grpc_options") or {}).get("port")) if p])
     init_kw: dict[str, Any] = {"address": "local" if local else args.address}
     if local:
         init_kw.update(num_cpus=args.num_cpus, num_gpus=args.num_gpus, include_dashboard=False)

@@ -55,7 +55,7 @@ def test_a_local_serve_gets_disjoint_ports_outside_the_ephemeral_range(monkeypat
     keys = [*cli.LOCAL_PORTS, *ranges]
     for key in keys:
         monkeypatch.delenv(key, raising=False)
-    cli._local_ports(block=64)
+    cli._local_ports([], block=64)
 
     spans = [(int(os.environ[f"RAY_SERVE_DIRECT_INGRESS_MIN_{p}_PORT"]),
               int(os.environ[f"RAY_SERVE_DIRECT_INGRESS_MAX_{p}_PORT"])) for p in ("HTTP", "GRPC")]
@@ -73,9 +73,23 @@ def test_ports_named_by_the_environment_are_kept(monkeypatch: pytest.MonkeyPatch
     for key in cli.LOCAL_PORTS[1:]:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.delenv("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", raising=False)
-    cli._local_ports(block=64)
+    cli._local_ports([], block=64)
 
     assert os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] == "9101"
     assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "30000"
     grpc = int(os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"])
     assert grpc + 64 < 30000 or grpc > 30064
+
+
+def test_a_local_serve_never_takes_the_configs_own_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in cli.LOCAL_PORTS:
+        monkeypatch.delenv(key, raising=False)
+    for proto in ("HTTP", "GRPC"):
+        monkeypatch.setenv(f"RAY_SERVE_DIRECT_INGRESS_MIN_{proto}_PORT", "30000" if proto == "HTTP" else "30100")
+        monkeypatch.setenv(f"RAY_SERVE_DIRECT_INGRESS_MAX_{proto}_PORT", "30064" if proto == "HTTP" else "30164")
+    http_port = ports.free_port()
+    real = ports.random.randint
+    calls = iter([http_port] * 20)  # every side port's first picks land on the config's HTTP port
+    monkeypatch.setattr(ports.random, "randint", lambda a, b: next(calls, None) or real(a, b))
+    cli._local_ports([http_port], block=64)
+    assert http_port not in {int(os.environ[k]) for k in cli.LOCAL_PORTS}
